@@ -1,0 +1,362 @@
+"""Loading the three models of the cascade: the T5 text encoder, the IF-I UNet and the IF-II UNet.
+
+Every loader takes a Hub id (``DeepFloyd/IF-I-M-v1.0``) or a local directory in Hub layout
+(``unet/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``, ``image_noising_scheduler/``), an
+explicit dtype and device, and optionally 8-bit / 4-bit quantization (bitsandbytes). With
+``random_weights=True`` only the configs are read and the weights are random: full-size models
+for benchmarks, built from a directory of configs.
+
+Whatever goes wrong while loading becomes one :class:`ModelLoadError` whose message is a sentence a
+user can act on (log in, accept a license, fix a path), never a traceback from the Hub client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STAGE1_MODEL = "DeepFloyd/IF-I-M-v1.0"
+DEFAULT_STAGE2_MODEL = "DeepFloyd/IF-II-M-v1.0"
+# The T5 encoder and its tokenizer live in the stage-1 repo's text_encoder/ and tokenizer/.
+DEFAULT_ENCODER_MODEL = DEFAULT_STAGE1_MODEL
+
+Quantize = Literal["none", "8bit", "4bit"]
+QUANTIZE_CHOICES: tuple[str, ...] = ("none", "8bit", "4bit")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do about it."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float16"`` / ``"fp16"`` / ... -> ``torch.float16``; raises ValueError naming the choices."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown dtype {name!r}: use one of float32, float16, bfloat16"
+        ) from None
+
+
+def parse_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` -> torch.device, checking that the device exists."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this machine has no CUDA GPU: use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} asked for, but this machine has "
+                f"{torch.cuda.device_count()} GPU(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
+    return device
+
+
+# --------------------------------------------------------------------------------------------
+# Errors from the Hub, as sentences
+
+
+def _hub_url(source: str) -> str:
+    return f"https://huggingface.co/{source}"
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+def explain_load_error(source: str, what: str, exc: BaseException) -> ModelLoadError:
+    """Turn whatever the Hub client / from_pretrained raised into one actionable sentence."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    chain = list(_exception_chain(exc))
+    text = " ".join(str(e) for e in chain)
+    if any(isinstance(e, GatedRepoError) for e in chain) or "gated repo" in text.lower():
+        return ModelLoadError(
+            f"{source} is a gated model: accept its license at {_hub_url(source)} with your "
+            "Hugging Face account, then log in here with `hf auth login` (or set HF_TOKEN)."
+        )
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return ModelLoadError(
+            f"{source} is not a local directory and no model of that name is on the Hugging Face "
+            "Hub (or it is private and you are not logged in): check the name, or pass a local "
+            "directory in Hub layout."
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    if any(isinstance(e, LocalEntryNotFoundError) for e in chain) or (
+        offline and "offline" in text.lower()
+    ):
+        return ModelLoadError(
+            f"{source} ({what}) is not in the local Hugging Face cache and the Hub cannot be "
+            "reached (HF_HUB_OFFLINE is set or there is no network): download it once with network "
+            "access, or pass a local directory in Hub layout."
+        )
+    return ModelLoadError(f"could not load the {what} from {source}: {exc}")
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists()
+
+
+def _check_source(source: str) -> None:
+    """A path-like source that does not exist is a typo, not a Hub id: say so plainly."""
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_like_path and not _is_local(source):
+        raise ModelLoadError(
+            f"model directory {source} does not exist: pass an existing directory in Hub layout "
+            "(unet/, scheduler/, ...) or a Hub id such as DeepFloyd/IF-I-M-v1.0."
+        )
+
+
+def _choose_variant(source: str, subfolder: str, dtype: torch.dtype) -> str | None:
+    """Use the ``fp16`` weight files when they exist and the model runs in half precision.
+
+    For float32 the full-precision files are preferred (they are what the fp16 files were made
+    from); a local directory that only has fp16 files still loads, upcast.
+    """
+    if not _is_local(source):
+        return "fp16" if dtype in (torch.float16, torch.bfloat16) else None
+    folder = Path(source).expanduser() / subfolder
+    has_fp16 = any(".fp16." in p.name for p in folder.glob("*")) if folder.is_dir() else False
+    has_full = (
+        any(p.suffix in {".safetensors", ".bin"} and ".fp16." not in p.name for p in folder.glob("*"))
+        if folder.is_dir()
+        else False
+    )
+    if has_fp16 and (dtype != torch.float32 or not has_full):
+        return "fp16"
+    return None
+
+
+def _from_pretrained(cls: Any, source: str, subfolder: str, dtype: torch.dtype, what: str,
+                     **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` with variant selection, and errors turned into sentences."""
+    _check_source(source)
+    variant = _choose_variant(source, subfolder, dtype)
+    try:
+        try:
+            return cls.from_pretrained(
+                source, subfolder=subfolder, variant=variant, torch_dtype=dtype, **kwargs
+            )
+        except (OSError, ValueError) as exc:
+            # A Hub repo without fp16 files: fall back to the full-precision ones.
+            if variant is None or "variant" not in str(exc).lower() and "fp16" not in str(exc):
+                raise
+            logger.info("%s has no fp16 variant of %s; loading the default weights", source, what)
+            return cls.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one sentence
+        raise explain_load_error(source, what, exc) from exc
+
+
+def _bnb_config(library: Literal["diffusers", "transformers"], quantize: str,
+                dtype: torch.dtype) -> Any | None:
+    if quantize == "none":
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantize {quantize!r}: use one of {', '.join(QUANTIZE_CHOICES)}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(
+            f"--quantize {quantize} needs bitsandbytes: pip install 'illusion-relay[quantization]'"
+        ) from None
+    if library == "diffusers":
+        from diffusers import BitsAndBytesConfig
+    else:
+        from transformers import BitsAndBytesConfig
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+    )
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build random-weight models directly in the target dtype (no fp32 copy of a 4B model)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _place(module: torch.nn.Module, device: torch.device, quantized: bool) -> torch.nn.Module:
+    # bitsandbytes puts quantized weights where they belong while loading; moving them breaks them.
+    if not quantized:
+        module = module.to(device)
+    return module.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# The three components
+
+
+@dataclass
+class UNetStage:
+    """A UNet with its schedulers: what one sampling stage needs.
+
+    ``image_noising_scheduler`` is set for stage 2 only (it noises the upscaled stage-1 image).
+    """
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    scheduler: Any  # diffusers.DDPMScheduler
+    image_noising_scheduler: Any | None
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+
+def _load_scheduler(source: str, subfolder: str, random_weights: bool) -> Any:
+    from diffusers import DDPMScheduler
+
+    if random_weights:
+        # Config directories hold JSON only; read them straight from disk.
+        config = DDPMScheduler.load_config(str(Path(source) / subfolder))
+        return DDPMScheduler.from_config(config)
+    _check_source(source)
+    try:
+        return DDPMScheduler.from_pretrained(source, subfolder=subfolder)
+    except Exception as exc:  # noqa: BLE001
+        raise explain_load_error(source, f"{subfolder} config", exc) from exc
+
+
+def load_unet_stage(
+    source: str,
+    stage: Literal[1, 2],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    quantize: str = "none",
+    random_weights: bool = False,
+) -> UNetStage:
+    """Load the IF-I (``stage=1``) or IF-II (``stage=2``) UNet and its schedulers.
+
+    With ``random_weights`` the UNet is built from ``source/unet/config.json`` with random weights
+    (same FLOPs and memory as the real model), directly on ``device`` in ``dtype``.
+    """
+    from diffusers import UNet2DConditionModel
+
+    device = torch.device(device)
+    dtype = parse_dtype(dtype)
+    quant = _bnb_config("diffusers", quantize, dtype)
+    if random_weights:
+        if not (Path(source) / "unet" / "config.json").is_file():
+            raise ModelLoadError(
+                f"--random-weights needs a directory with unet/config.json; {source} has none"
+            )
+        config = UNet2DConditionModel.load_config(str(Path(source) / "unet"))
+        with torch.device(device), _default_dtype(dtype):
+            unet = UNet2DConditionModel.from_config(config)
+        if quant is not None:
+            raise ModelLoadError("--quantize needs real weights; it cannot be combined with "
+                                 "--random-weights")
+    else:
+        unet = _from_pretrained(
+            UNet2DConditionModel, source, "unet", dtype, f"stage-{stage} UNet",
+            **({"quantization_config": quant} if quant is not None else {}),
+        )
+    unet = _place(unet, device, quant is not None)
+
+    expected_in = 3 if stage == 1 else 6
+    if unet.config.in_channels != expected_in:
+        raise ModelLoadError(
+            f"{source} has a UNet with {unet.config.in_channels} input channels, but a stage-{stage} "
+            f"UNet takes {expected_in}: pass an IF-{'I' if stage == 1 else 'II'} model here"
+        )
+    scheduler = _load_scheduler(source, "scheduler", random_weights)
+    noising = (
+        _load_scheduler(source, "image_noising_scheduler", random_weights) if stage == 2 else None
+    )
+    logger.info("loaded stage-%d UNet from %s (%s, %s, quantize=%s)", stage, source, device,
+                dtype, quantize)
+    return UNetStage(unet, scheduler, noising, device, dtype, source)
+
+
+def load_text_encoder_parts(
+    source: str,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    quantize: str = "none",
+    random_weights: bool = False,
+) -> tuple[Any, Any]:
+    """Load the T5 encoder (``text_encoder/``) and its tokenizer (``tokenizer/``).
+
+    Returns ``(tokenizer, text_encoder)``. With ``random_weights`` the encoder is built from
+    ``source/text_encoder/config.json``; the tokenizer is loaded when ``source/tokenizer`` exists,
+    else ``None`` (benchmarks then tokenize without one, see :mod:`illusions.text`).
+    """
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    device = torch.device(device)
+    dtype = parse_dtype(dtype)
+    quant = _bnb_config("transformers", quantize, dtype)
+    tokenizer = None
+    if random_weights:
+        config_dir = Path(source) / "text_encoder"
+        if not (config_dir / "config.json").is_file():
+            raise ModelLoadError(
+                f"--random-weights needs a directory with text_encoder/config.json; {source} has none"
+            )
+        if quant is not None:
+            raise ModelLoadError("--quantize needs real weights; it cannot be combined with "
+                                 "--random-weights")
+        config = T5Config.from_pretrained(str(config_dir))
+        # Built on the meta device first so that the shared embedding is tied, then materialised.
+        with torch.device(device), _default_dtype(dtype):
+            encoder = T5EncoderModel(config)
+        if (Path(source) / "tokenizer").is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(str(Path(source) / "tokenizer"))
+    else:
+        kwargs: dict[str, Any] = {}
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+            kwargs["device_map"] = {"": str(device)}
+        encoder = _from_pretrained(T5EncoderModel, source, "text_encoder", dtype, "T5 text encoder",
+                                   **kwargs)
+        _check_source(source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        except Exception as exc:  # noqa: BLE001
+            raise explain_load_error(source, "T5 tokenizer", exc) from exc
+    encoder = _place(encoder, device, quant is not None)
+    logger.info("loaded T5 text encoder from %s (%s, %s, quantize=%s)", source, device, dtype,
+                quantize)
+    return tokenizer, encoder

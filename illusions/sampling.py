@@ -1,0 +1,348 @@
+"""Multi-view denoising for both stages of the IF cascade (Geng, Park & Owens, *Visual Anagrams*).
+
+At every step the current noisy image is shown to the UNet through each view, with the view's own
+prompt; the noise estimates are mapped back through each view's inverse and combined (``mean``,
+``sum`` for factorized views, or ``alternate``), and one DDPM step is taken on the combined
+estimate. With one view and the identity this is plain IF sampling.
+
+RNG contract (see docs): one CPU ``torch.Generator`` per sample. Stage 1 draws the initial noise,
+then the scheduler's variance noise at every step; it returns the generator's state with its image.
+Stage 2 restores that state and draws its initial noise, the noise added to the upscaled stage-1
+image, then its per-step variance noise. Noise is drawn on the CPU and moved to the device, so CPU
+and GPU runs draw the same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+
+from illusions.models import UNetStage
+from illusions.views import View
+
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "alternate")
+
+ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+StopCheck = Callable[[], bool]
+
+
+class InvalidInputError(ValueError):
+    """A sampling input is out of range; the message names the field and the fix."""
+
+
+class SamplingCancelled(RuntimeError):
+    """``should_stop`` returned True between two denoising steps."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Parameters shared by both stages (the reference uses the same values for both)."""
+
+    num_inference_steps: int = 30
+    guidance_scale: float = 10.0
+    reduction: str = "mean"  # "mean" | "sum" (factorized views) | "alternate"
+    noise_level: int = 50  # stage 2 only: timestep at which the upscaled 64px image is noised
+
+    def validate(self, num_train_timesteps: int = 1000) -> None:
+        if not 1 <= self.num_inference_steps <= num_train_timesteps:
+            raise InvalidInputError(
+                f"num_inference_steps={self.num_inference_steps} is out of range: use 1 .. "
+                f"{num_train_timesteps} (30 is a good start)"
+            )
+        if not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= 100:
+            raise InvalidInputError(
+                f"guidance_scale={self.guidance_scale} is out of range: use 0 .. 100 (10 is usual)"
+            )
+        if self.reduction not in REDUCTIONS:
+            raise InvalidInputError(
+                f"reduction={self.reduction!r} is unknown: use one of {', '.join(REDUCTIONS)} "
+                "(sum for factorized views such as low_pass/high_pass)"
+            )
+        if not 0 <= self.noise_level < num_train_timesteps:
+            raise InvalidInputError(
+                f"noise_level={self.noise_level} is out of range: use 0 .. "
+                f"{num_train_timesteps - 1} (50 is the reference's default)"
+            )
+
+
+def new_generator(seed: int) -> torch.Generator:
+    """The per-sample CPU generator of the RNG contract (sample i of a run: ``seed + i``)."""
+    if not 0 <= seed < 2**63:
+        raise InvalidInputError(f"seed={seed} is out of range: use 0 .. 2**63-1")
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def generator_from_state(state: torch.Tensor) -> torch.Generator:
+    """Rebuild the CPU generator that stage 1 handed over (``generator.get_state()``)."""
+    generator = torch.Generator(device="cpu")
+    try:
+        generator.set_state(state.to(torch.uint8).cpu())
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(
+            f"rng_state is not a CPU generator state ({exc}): pass the state stage 1 returned"
+        ) from None
+    return generator
+
+
+# --------------------------------------------------------------------------------------------
+# Views, applied to a stack (one view per row)
+
+
+def apply_views(views: Sequence[View], image: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) image -> (V, C, H, W): row k is ``views[k].view(image)``."""
+    return torch.stack([v.view(image) for v in views])
+
+
+def invert_views(views: Sequence[View], preds: torch.Tensor) -> torch.Tensor:
+    """(B, V, 6, H, W) UNet outputs, row k seen through view k -> each mapped back by its inverse."""
+    return torch.stack([v.inverse_view(preds[:, k]) for k, v in enumerate(views)], dim=1)
+
+
+def reduce_views(pred: torch.Tensor, variance: torch.Tensor, reduction: str,
+                 step: int) -> torch.Tensor:
+    """Combine per-view estimates (B, V, 3, H, W) into one (B, 6, H, W) model output.
+
+    ``sum`` adds the noise estimates (factorized diffusion: each view owns one component) but
+    averages the variances, as the reference does.
+    """
+    if reduction == "mean":
+        pred, variance = pred.mean(1), variance.mean(1)
+    elif reduction == "sum":
+        pred, variance = pred.sum(1), variance.mean(1)
+    elif reduction == "alternate":
+        k = step % pred.shape[1]
+        pred, variance = pred[:, k], variance[:, k]
+    else:
+        raise InvalidInputError(f"reduction={reduction!r} is unknown: use {', '.join(REDUCTIONS)}")
+    return torch.cat([pred, variance], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks at the library boundary
+
+
+def _check_embeds(stage: UNetStage, prompt_embeds: torch.Tensor,
+                  negative_prompt_embeds: torch.Tensor, views: Sequence[View]) -> None:
+    if len(views) < 1:
+        raise InvalidInputError("views is empty: give at least one view (identity for plain IF)")
+    if prompt_embeds.ndim != 3:
+        raise InvalidInputError(
+            f"prompt_embeds has shape {tuple(prompt_embeds.shape)}: expected (views, tokens, dim)"
+        )
+    if prompt_embeds.shape[0] != len(views):
+        raise InvalidInputError(
+            f"{prompt_embeds.shape[0]} prompts for {len(views)} views: give one prompt per view"
+        )
+    dim = stage.unet.config.encoder_hid_dim or stage.unet.config.cross_attention_dim
+    if prompt_embeds.shape[-1] != dim:
+        raise InvalidInputError(
+            f"prompt_embeds have width {prompt_embeds.shape[-1]} but the {stage.source} UNet takes "
+            f"{dim}: encode the prompts with the text encoder that belongs to this model"
+        )
+    if negative_prompt_embeds.ndim != 3 or negative_prompt_embeds.shape[0] not in (
+        1, len(views)
+    ) or negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:]:
+        raise InvalidInputError(
+            f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)}: expected "
+            f"(1 or {len(views)}, {prompt_embeds.shape[1]}, {prompt_embeds.shape[2]})"
+        )
+    for name, t in (("prompt_embeds", prompt_embeds),
+                    ("negative_prompt_embeds", negative_prompt_embeds)):
+        if not torch.isfinite(t).all():
+            raise InvalidInputError(f"{name} contains NaN or infinite values: re-encode the prompts")
+
+
+def _cfg_embeds(stage: UNetStage, prompt_embeds: torch.Tensor,
+                negative_prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """[neg_0 .. neg_{V-1}, pos_0 .. pos_{V-1}] on the UNet's device and dtype: (2V, T, D)."""
+    views = prompt_embeds.shape[0]
+    negative = negative_prompt_embeds.expand(views, -1, -1)
+    return torch.cat([negative, prompt_embeds]).to(device=stage.device, dtype=stage.dtype)
+
+
+def _prepare_reference(ref_image: torch.Tensor | None, views: Sequence[View], size: int,
+                       like: torch.Tensor) -> torch.Tensor | None:
+    """Reference image (3, H, W) in [-1, 1] -> (3, size, size) for the inverse-problem mode."""
+    if ref_image is None:
+        return None
+    if len(views) != 2:
+        raise InvalidInputError(
+            f"ref_image needs exactly 2 views (the reference supplies the first component, the "
+            f"prompt the second), got {len(views)}"
+        )
+    if ref_image.ndim == 4 and ref_image.shape[0] == 1:
+        ref_image = ref_image[0]
+    if ref_image.ndim != 3 or ref_image.shape[0] != 3:
+        raise InvalidInputError(
+            f"ref_image has shape {tuple(ref_image.shape)}: expected an RGB image (3, H, W)"
+        )
+    if not torch.isfinite(ref_image).all():
+        raise InvalidInputError("ref_image contains NaN or infinite values")
+    ref = ref_image.to(torch.float32)[None]
+    if ref.shape[-2:] != (size, size):
+        ref = F.interpolate(ref, size=(size, size), mode="bilinear", antialias=True,
+                            align_corners=False)
+    return ref[0].to(device=like.device, dtype=like.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The denoising loop, shared by both stages
+
+
+def _denoise(
+    stage: UNetStage,
+    noisy: torch.Tensor,  # (1, 3, H, W) x_T
+    embeds: torch.Tensor,  # (2V, T, D) [negative..., positive...]
+    views: Sequence[View],
+    params: SamplingParams,
+    generator: torch.Generator,
+    condition: torch.Tensor | None,  # (1, 3, H, W) noised upscaled image (stage 2)
+    class_labels: torch.Tensor | None,  # (2V,) noise level (stage 2)
+    ref: torch.Tensor | None,  # (3, H, W) reference image (inverse problems)
+    callback: ProgressCallback | None,
+    should_stop: StopCheck | None,
+) -> torch.Tensor:
+    # A private scheduler: set_timesteps mutates it, and a service may run calls concurrently.
+    scheduler = copy.deepcopy(stage.scheduler)
+    scheduler.set_timesteps(params.num_inference_steps, device=stage.device)
+    timesteps = scheduler.timesteps
+    channels = noisy.shape[1]
+
+    for i, t in enumerate(timesteps):
+        if should_stop is not None and should_stop():
+            raise SamplingCancelled(f"stopped before step {i + 1} of {len(timesteps)}")
+
+        # 1. Inverse problems: the first component comes from the noised reference image.
+        if ref is not None:
+            alpha = scheduler.alphas_cumprod[t].to(ref.device, ref.dtype)
+            ref_noise = randn_tensor(ref.shape, generator=generator, device=ref.device,
+                                     dtype=ref.dtype)
+            ref_noisy = alpha.sqrt() * ref + (1 - alpha).sqrt() * ref_noise
+            noisy = (views[0].inverse_view(ref_noisy) + views[1].inverse_view(noisy[0]))[None]
+
+        # 2. Show the image through every view; duplicate for classifier-free guidance.
+        model_input = noisy if condition is None else torch.cat([noisy, condition], dim=1)
+        viewed = apply_views(views, model_input[0])  # (V, C, H, W)
+        model_input = scheduler.scale_model_input(torch.cat([viewed, viewed]), t)
+
+        # 3. One UNet call for all views, negative and positive prompts.
+        out = stage.unet(
+            model_input,
+            t,
+            encoder_hidden_states=embeds,
+            class_labels=class_labels,
+            return_dict=False,
+        )[0]  # (2V, 6, H, W)
+
+        # 4. Map each estimate back through its view's inverse, then guide.
+        out = invert_views(views, out.unflatten(0, (2, len(views))))  # (2, V, 6, H, W)
+        eps_uncond = out[0, :, :channels]
+        eps_text, variance = out[1, :, :channels], out[1, :, channels:]
+        eps = eps_uncond + params.guidance_scale * (eps_text - eps_uncond)  # (V, 3, H, W)
+
+        # 5. Combine the views and take one DDPM step (learned-range variance).
+        model_output = reduce_views(eps[None], variance[None], params.reduction, i)
+        noisy = scheduler.step(model_output, t, noisy, generator=generator, return_dict=False)[0]
+
+        if callback is not None:
+            callback(i + 1, len(timesteps))
+    return noisy
+
+
+@torch.no_grad()
+def sample_stage_1(
+    stage: UNetStage,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    views: Sequence[View],
+    generator: torch.Generator,
+    params: SamplingParams = SamplingParams(),
+    *,
+    ref_image: torch.Tensor | None = None,
+    callback: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> torch.Tensor:
+    """Sample a multi-view illusion at the IF-I resolution.
+
+    Args:
+        prompt_embeds: (V, 77, D), one prompt per view, in view order.
+        negative_prompt_embeds: (1, 77, D) null-prompt embedding (or one per view).
+        views: V views; ``views[k]`` is seen with prompt k.
+        generator: CPU generator; advanced in place (its state then goes to stage 2).
+        ref_image: optional (3, H, W) image in [-1, 1] supplying the first component.
+
+    Returns:
+        (1, 3, S, S) image in the UNet's dtype, S = ``unet.config.sample_size``, roughly in [-1, 1].
+    """
+    params.validate(stage.scheduler.config.num_train_timesteps)
+    _check_embeds(stage, prompt_embeds, negative_prompt_embeds, views)
+    embeds = _cfg_embeds(stage, prompt_embeds, negative_prompt_embeds)
+    size = stage.sample_size
+    channels = stage.unet.config.in_channels
+    noisy = randn_tensor((1, channels, size, size), generator=generator, device=stage.device,
+                         dtype=stage.dtype) * stage.scheduler.init_noise_sigma
+    ref = _prepare_reference(ref_image, views, size, noisy)
+    return _denoise(stage, noisy, embeds, views, params, generator, None, None, ref, callback,
+                    should_stop)
+
+
+@torch.no_grad()
+def sample_stage_2(
+    stage: UNetStage,
+    image: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    views: Sequence[View],
+    generator: torch.Generator,
+    params: SamplingParams = SamplingParams(),
+    *,
+    ref_image: torch.Tensor | None = None,
+    callback: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> torch.Tensor:
+    """Super-resolve a stage-1 illusion to the IF-II resolution, through the same views.
+
+    Args:
+        image: (1, 3, s, s) stage-1 output (any s; upscaled bilinearly to the UNet's size).
+        generator: the stage-1 generator, continued (see :func:`generator_from_state`).
+        Other arguments as :func:`sample_stage_1`; ``params.noise_level`` sets how much noise is
+        added to the upscaled image.
+
+    Returns:
+        (1, 3, S, S) image in the UNet's dtype, S = ``unet.config.sample_size``.
+    """
+    if stage.image_noising_scheduler is None:
+        raise InvalidInputError(f"{stage.source} has no image_noising_scheduler: not an IF-II model")
+    params.validate(stage.scheduler.config.num_train_timesteps)
+    _check_embeds(stage, prompt_embeds, negative_prompt_embeds, views)
+    if image.ndim != 4 or image.shape[:2] != (1, 3) or image.shape[2] != image.shape[3]:
+        raise InvalidInputError(
+            f"image has shape {tuple(image.shape)}: expected the stage-1 output (1, 3, H, H)"
+        )
+    if not torch.isfinite(image).all():
+        raise InvalidInputError("image contains NaN or infinite values: pass the stage-1 output")
+    embeds = _cfg_embeds(stage, prompt_embeds, negative_prompt_embeds)
+    size = stage.sample_size
+    channels = stage.unet.config.in_channels // 2
+
+    # 1. x_T, then the upscaled conditioning image noised at `noise_level` (same generator).
+    noisy = randn_tensor((1, channels, size, size), generator=generator, device=stage.device,
+                         dtype=stage.dtype) * stage.scheduler.init_noise_sigma
+    image = image.to(device=stage.device, dtype=stage.dtype)
+    upscaled = F.interpolate(image, (size, size), mode="bilinear", align_corners=True)
+    noise_level = torch.tensor([params.noise_level], device=stage.device)
+    noise = randn_tensor(upscaled.shape, generator=generator, device=stage.device,
+                         dtype=upscaled.dtype)
+    upscaled = stage.image_noising_scheduler.add_noise(upscaled, noise, timesteps=noise_level)
+    class_labels = noise_level.expand(embeds.shape[0])  # one label per UNet row
+
+    ref = _prepare_reference(ref_image, views, size, noisy)
+    return _denoise(stage, noisy, embeds, views, params, generator, upscaled, class_labels, ref,
+                    callback, should_stop)
