@@ -1,0 +1,275 @@
+"""The ``illusion`` command: ``generate``, ``serve`` and ``views``.
+
+Errors a user can make end in one line ``error: ...`` and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from illusions.models import (
+    DEFAULT_ENCODER_MODEL,
+    DEFAULT_STAGE1_MODEL,
+    DEFAULT_STAGE2_MODEL,
+    QUANTIZE_CHOICES,
+    ModelLoadError,
+    parse_device,
+    parse_dtype,
+)
+from illusions.sampling import REDUCTIONS, InvalidInputError, SamplingParams
+from illusions.views import VIEWS, ViewError
+
+logger = logging.getLogger("illusion")
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+DEFAULT_MODELS = {
+    "encoder": DEFAULT_ENCODER_MODEL,
+    "stage1": DEFAULT_STAGE1_MODEL,
+    "stage2": DEFAULT_STAGE2_MODEL,
+}
+
+
+def _split_view_args(values: Sequence[str] | None) -> tuple[tuple[str, ...], ...]:
+    """``--view-args "" "4" "num_patches=4,..."``: one string per view, comma-separated values."""
+    if not values:
+        return ()
+    return tuple(tuple(a.strip() for a in v.split(",") if a.strip()) for v in values)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage1-model", default=DEFAULT_STAGE1_MODEL, metavar="ID|DIR",
+                        help=f"IF-I model, Hub id or local directory (default {DEFAULT_STAGE1_MODEL})")
+    parser.add_argument("--stage2-model", default=DEFAULT_STAGE2_MODEL, metavar="ID|DIR",
+                        help=f"IF-II model (default {DEFAULT_STAGE2_MODEL})")
+    parser.add_argument("--encoder-model", default=None, metavar="ID|DIR",
+                        help="model whose text_encoder/ and tokenizer/ to use (default: the "
+                             "stage-1 model)")
+    parser.add_argument("--device", default="auto",
+                        help="device of the UNet services: cpu, cuda or cuda:N (default: cuda "
+                             "when there is a GPU, else cpu)")
+    parser.add_argument("--encoder-device", default="cpu",
+                        help="device of the T5 encoder (default cpu: it runs well there)")
+    parser.add_argument("--dtype", default="auto",
+                        help="float16, bfloat16 or float32 for the UNets (default: float16 on "
+                             "GPU, float32 on CPU)")
+    parser.add_argument("--encoder-dtype", default="float32",
+                        help="dtype of the T5 encoder (default float32; bfloat16 halves memory)")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                        help="load the UNets in 8 or 4 bits (bitsandbytes)")
+    parser.add_argument("--encoder-quantize", default="none", choices=QUANTIZE_CHOICES,
+                        help="load T5 in 8 or 4 bits (bitsandbytes)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="models are config directories: random weights (benchmarks)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="illusion",
+        description="Visual anagrams with the DeepFloyd IF cascade, as three gRPC services.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="make illusions (starts local services unless "
+                                          "addresses are given)")
+    gen.add_argument("--prompts", nargs="+", required=True, help="one prompt per view")
+    gen.add_argument("--views", nargs="+", required=True,
+                     help="view names, one per prompt (see `illusion views`)")
+    gen.add_argument("--view-args", nargs="+", default=None, metavar="A",
+                     help="one string per view with its arguments, comma-separated, "
+                          "positional or key=value ('' for defaults), e.g. '' 'num_patches=4'")
+    gen.add_argument("--view-seed", type=int, default=0,
+                     help="seed of the permutation views (default 0)")
+    gen.add_argument("--style", default="", help='prepended to each prompt, e.g. "an oil '
+                                                 'painting of"')
+    gen.add_argument("--name", default="", help="run name (default: from views and prompts)")
+    gen.add_argument("--save-dir", type=Path, default=Path("results"))
+    gen.add_argument("--num-samples", type=int, default=1,
+                     help="samples use seeds seed .. seed+K-1")
+    gen.add_argument("--seed", type=int, default=0)
+    defaults = SamplingParams()
+    gen.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps)
+    gen.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
+    gen.add_argument("--reduction", default=defaults.reduction, choices=REDUCTIONS)
+    gen.add_argument("--noise-level", type=int, default=defaults.noise_level,
+                     help="noise added to the 64px image before stage 2 (default 50)")
+    gen.add_argument("--ref-image", type=Path, default=None, metavar="PATH",
+                     help="inverse problem: this image supplies the first view's component")
+    gen.add_argument("--save-tensors", action="store_true",
+                     help="also save float32 stage_1/stage_2 outputs to tensors.safetensors")
+    gen.add_argument("--encoder", default=None, metavar="HOST:PORT",
+                     help="address of a running encoder service")
+    gen.add_argument("--stage1", default=None, metavar="HOST:PORT",
+                     help="stage-1 service(s): host:port[,host:port] or dns:///name:port")
+    gen.add_argument("--stage2", default=None, metavar="TARGET",
+                     help="stage-2 service(s): host:port[,host:port] or dns:///name:port")
+    gen.add_argument("--timeout", type=float, default=3600.0,
+                     help="deadline of each service call in seconds (default 3600)")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_model_options(gen)
+
+    srv = sub.add_parser("serve", help="run one service")
+    srv.add_argument("service", choices=("encoder", "stage1", "stage2"))
+    srv.add_argument("--model", default=None, metavar="ID|DIR",
+                     help="Hub id or local directory (default: the DeepFloyd M models)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default loopback; 0.0.0.0 exposes it)")
+    srv.add_argument("--port", type=int, default=0, help="port (0: pick a free one)")
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--dtype", default="auto",
+                     help="float16, bfloat16 or float32 (default: float16 on GPU, else float32)")
+    srv.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES)
+    srv.add_argument("--random-weights", action="store_true",
+                     help="--model is a config directory: build the model with random weights")
+    srv.add_argument("--max-queue", type=int, default=8,
+                     help="calls that may wait; more are refused with RESOURCE_EXHAUSTED")
+    srv.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+    sub.add_parser("views", help="list the views and their arguments")
+    return parser
+
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(parse_device(name))
+
+
+def _resolve_dtype(name: str, device: str) -> str:
+    if name == "auto":
+        return "float16" if device.startswith("cuda") else "float32"
+    return str(parse_dtype(name)).removeprefix("torch.")
+
+
+def cmd_views() -> int:
+    width = max(len(name) for name in VIEWS)
+    for name, info in VIEWS.items():
+        print(f"{name:<{width}}  {info.description}")
+        for arg in info.args:
+            print(f"{'':<{width}}    {arg.name}={arg.default!r} ({arg.type.__name__}): {arg.help}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services.common.server import ServerConfig, configure_logging
+
+    configure_logging()
+    device = _resolve_device(args.device)
+    config = ServerConfig(
+        service=args.service,
+        model=args.model or DEFAULT_MODELS[args.service],
+        host=args.host,
+        port=args.port,
+        device=device,
+        dtype=_resolve_dtype(args.dtype, device),
+        quantize=args.quantize,
+        random_weights=args.random_weights,
+        max_queue=args.max_queue,
+        parent_pid=args.parent_pid,
+    )
+    if args.service == "encoder":
+        from services.encoder.server import main
+    elif args.service == "stage1":
+        from services.stage1.server import main
+    else:
+        from services.stage2.server import main
+    main(config)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from orchestrator.client import CascadeClient
+    from orchestrator.local import LocalServices, LocalServiceSpec
+    from orchestrator.pipeline import GenerateConfig, check_config, generate
+
+    config = GenerateConfig(
+        prompts=tuple(args.prompts),
+        views=tuple(args.views),
+        view_args=_split_view_args(args.view_args),
+        view_seed=args.view_seed,
+        style=args.style,
+        name=args.name,
+        save_dir=args.save_dir,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        params=SamplingParams(
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            reduction=args.reduction,
+            noise_level=args.noise_level,
+        ),
+        ref_image=args.ref_image,
+        save_tensors=args.save_tensors,
+    )
+    check_config(config)  # fail fast, before any service starts
+    progress = not args.no_progress and sys.stderr.isatty()
+
+    remote = [args.encoder, args.stage1, args.stage2]
+    if any(remote):
+        if not all(remote):
+            raise InvalidInputError(
+                "give all three of --encoder, --stage1 and --stage2, or none for local mode"
+            )
+        with CascadeClient(args.encoder, args.stage1, args.stage2, timeout=args.timeout) as client:
+            client.check()
+            written = generate(config, client, progress=progress)
+    else:
+        device = _resolve_device(args.device)
+        dtype = _resolve_dtype(args.dtype, device)
+        specs = [
+            LocalServiceSpec("encoder", args.encoder_model or args.stage1_model,
+                             str(parse_device(args.encoder_device)),
+                             _resolve_dtype(args.encoder_dtype, args.encoder_device),
+                             args.encoder_quantize, args.random_weights),
+            LocalServiceSpec("stage1", args.stage1_model, device, dtype, args.quantize,
+                             args.random_weights),
+            LocalServiceSpec("stage2", args.stage2_model, device, dtype, args.quantize,
+                             args.random_weights),
+        ]
+        logger.info("local mode: starting the encoder, stage-1 and stage-2 services")
+        with LocalServices(specs) as addresses, CascadeClient(
+            addresses["encoder"], addresses["stage1"], addresses["stage2"], timeout=args.timeout
+        ) as client:
+            client.check()
+            written = generate(config, client, progress=progress)
+    for folder in written:
+        print(folder)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from orchestrator.client import ServiceError
+    from orchestrator.local import LocalServiceError
+
+    try:
+        if args.command == "views":
+            return cmd_views()
+        if args.command == "serve":
+            return cmd_serve(args)
+        return cmd_generate(args)
+    except (ViewError, InvalidInputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ModelLoadError, ServiceError, LocalServiceError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("error: interrupted; finished samples are kept, unfinished ones were discarded",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

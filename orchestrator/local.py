@@ -1,0 +1,135 @@
+"""Local mode: start the three services as child processes on free loopback ports, stop them after.
+
+Each child is ``python -m orchestrator.cli serve KIND --port 0 ...``; it prints one line
+``serving KIND on HOST:PORT`` once its model is loaded and warmed up. Children run in their own
+process group (Ctrl-C reaches only the orchestrator, which then stops them) and watch their parent,
+so they also go away if the orchestrator is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+READY = re.compile(r"^serving (\w+) on (\S+)$")
+
+
+class LocalServiceError(RuntimeError):
+    """A local service failed to start; the message carries its last error line."""
+
+
+@dataclass(frozen=True)
+class LocalServiceSpec:
+    kind: str  # encoder | stage1 | stage2
+    model: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    quantize: str = "none"
+    random_weights: bool = False
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "orchestrator.cli", "serve", self.kind,
+            "--model", self.model, "--host", "127.0.0.1", "--port", "0",
+            "--device", self.device, "--dtype", self.dtype, "--quantize", self.quantize,
+            "--parent-pid", str(os.getpid()),
+        ]
+        return cmd + (["--random-weights"] if self.random_weights else [])
+
+
+@dataclass
+class _Child:
+    spec: LocalServiceSpec
+    process: subprocess.Popen[str]
+    log: Path
+    address: str | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            match = READY.match(line.strip())
+            if match and self.address is None:
+                self.address = match.group(2)
+                self.ready.set()
+        self.ready.set()  # stdout closed: the process ended
+
+    def last_error(self) -> str:
+        try:
+            lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return "no output"
+        for line in reversed(lines):
+            if line.startswith("error: "):
+                return line.removeprefix("error: ")
+        return lines[-1] if lines else "no output"
+
+
+class LocalServices:
+    """Context manager: ``with LocalServices(specs) as addresses: ...`` (kind -> host:port)."""
+
+    def __init__(self, specs: list[LocalServiceSpec], startup_timeout: float = 900.0) -> None:
+        self.specs = specs
+        self.startup_timeout = startup_timeout
+        self.children: list[_Child] = []
+        self._logdir = tempfile.TemporaryDirectory(prefix="illusion-services-")
+
+    def start(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        for spec in self.specs:
+            log = Path(self._logdir.name) / f"{spec.kind}.log"
+            process = subprocess.Popen(
+                spec.command(), stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+                env=env, start_new_session=True,
+            )
+            child = _Child(spec, process, log)
+            threading.Thread(target=child.read_stdout, daemon=True).start()
+            self.children.append(child)
+            logger.info("starting local %s (pid %d)", spec.kind, process.pid)
+
+        deadline = time.monotonic() + self.startup_timeout
+        for child in self.children:
+            child.ready.wait(max(0.0, deadline - time.monotonic()))
+            if child.address is None:
+                self.stop()
+                if child.process.poll() is None:
+                    raise LocalServiceError(
+                        f"local {child.spec.kind} did not start within "
+                        f"{self.startup_timeout:.0f} s"
+                    )
+                raise LocalServiceError(
+                    f"local {child.spec.kind} service failed to start: {child.last_error()}"
+                )
+        return {child.spec.kind: child.address for child in self.children}  # type: ignore
+
+    def stop(self, grace: float = 10.0) -> None:
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace
+        for child in self.children:
+            try:
+                child.process.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        self.children.clear()
+
+    def __enter__(self) -> dict[str, str]:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._logdir.cleanup()

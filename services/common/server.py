@@ -1,0 +1,228 @@
+"""What the three servers share: creating the gRPC server, health, reflection, admission control,
+streaming progress from a worker thread, start-up (load, warm up, then SERVING) and graceful drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from anagram.v1 import anagram_pb2 as pb
+from illusions.sampling import SamplingCancelled
+from services.common.errors import NotReady, ServiceOverloaded
+
+logger = logging.getLogger(__name__)
+
+# 4 views of fp32 T5-XXL embeddings are ~5 MB and a 1024px fp32 image 12 MB: far above gRPC's
+# 4 MiB default. Servers and channels raise both limits to this.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+GRPC_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+SERVICE_NAMES = {
+    "encoder": "anagram.v1.Encoder",
+    "stage1": "anagram.v1.Stage1",
+    "stage2": "anagram.v1.Stage2",
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything one service process is started with (built from CLI flags at the edge)."""
+
+    service: str  # encoder | stage1 | stage2
+    model: str  # Hub id or local directory (or config directory with random_weights)
+    host: str = "127.0.0.1"  # loopback unless asked otherwise
+    port: int = 0  # 0: pick a free port
+    device: str = "cpu"
+    dtype: str = "float32"
+    quantize: str = "none"
+    random_weights: bool = False
+    max_concurrent: int = 1  # sampling calls running at once (one GPU, one at a time)
+    max_queue: int = 8  # calls allowed to wait beyond those; more get RESOURCE_EXHAUSTED
+    grace_s: float = 10.0  # SIGTERM: how long in-flight calls may finish
+    parent_pid: int | None = None  # local mode: exit when this process goes away
+
+
+def create_server(address: str, max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to ``address`` (port 0 picks one). Returns (server, port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}: is the port in use?")
+    return server, port
+
+
+class Admission:
+    """At most ``max_running`` calls run and ``max_waiting`` wait; the rest are refused.
+
+    Refusing (RESOURCE_EXHAUSTED, with a retry hint) instead of queueing without bound keeps a
+    burst of requests from exhausting memory.
+    """
+
+    def __init__(self, max_running: int, max_waiting: int) -> None:
+        self._slots = threading.Semaphore(max_running)
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._max_waiting = max_waiting
+
+    def acquire(self, is_active: Callable[[], bool]) -> None:
+        with self._lock:
+            if self._waiting >= self._max_waiting:
+                raise ServiceOverloaded(
+                    f"server busy: {self._waiting} requests already waiting; retry shortly",
+                    retry_after_s=2.0,
+                )
+            self._waiting += 1
+        try:
+            while not self._slots.acquire(timeout=0.1):
+                if not is_active():
+                    raise SamplingCancelled("cancelled while waiting for a free slot")
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def release(self) -> None:
+        self._slots.release()
+
+
+T = TypeVar("T")
+
+
+class ModelHandle(Generic[T]):
+    """Holds the model once loaded; before that, calls get UNAVAILABLE."""
+
+    def __init__(self, service: str) -> None:
+        self._model: T | None = None
+        self._service = service
+        self.info = pb.ModelInfo(service=service)
+
+    def set(self, model: T, info: pb.ModelInfo) -> None:
+        self._model, self.info = model, info
+
+    def get(self) -> T:
+        if self._model is None:
+            raise NotReady(f"{self._service} is still loading its model: retry in a moment")
+        return self._model
+
+
+def stream_with_progress(
+    work: Callable[[Callable[[int, int], None], Callable[[], bool]], pb.SampleResult],
+    context: grpc.ServicerContext,
+) -> Iterator[pb.SampleEvent]:
+    """Run ``work(progress, should_stop)`` in a thread, yielding progress events then the result.
+
+    ``should_stop`` turns true when the client cancels or the deadline passes, so the denoising
+    loop stops within one step.
+    """
+    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def should_stop() -> bool:
+        remaining = context.time_remaining()
+        return not context.is_active() or (remaining is not None and remaining <= 0)
+
+    def progress(step: int, total: int) -> None:
+        events.put(("progress", pb.Progress(step=step, total=total)))
+
+    def run() -> None:
+        try:
+            events.put(("result", work(progress, should_stop)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the RPC thread
+            events.put(("error", exc))
+
+    worker = threading.Thread(target=run, name="sample", daemon=True)
+    worker.start()
+    while True:
+        kind, value = events.get()
+        if kind == "progress":
+            yield pb.SampleEvent(progress=value)
+        elif kind == "result":
+            yield pb.SampleEvent(result=value)
+            return
+        else:
+            raise value
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("ILLUSION_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
+    """Local mode: if the orchestrator dies without stopping us, stop too."""
+    while not stop.wait(1.0):
+        if os.getppid() != parent_pid:
+            logger.warning("parent process %d is gone; shutting down", parent_pid)
+            stop.set()
+
+
+def serve(
+    config: ServerConfig,
+    add_servicer: Callable[[grpc.Server], None],
+    load: Callable[[], pb.ModelInfo],
+    ready_line: Callable[[str], None] | None = None,
+) -> None:
+    """Run one service until SIGTERM/SIGINT.
+
+    1. Bind the port and start the server with health NOT_SERVING (calls get UNAVAILABLE).
+    2. ``load()`` loads the model and warms it up; health becomes SERVING and one line
+       ``serving <service> on <host>:<port>`` is printed.
+    3. On SIGTERM: NOT_SERVING, refuse new calls, give in-flight calls ``grace_s``, exit.
+    """
+    name = SERVICE_NAMES[config.service]
+    server, port = create_server(f"{config.host}:{config.port}",
+                                 max_workers=config.max_concurrent + config.max_queue + 8)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_servicer(server)
+    reflection.enable_server_reflection(
+        (name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    for service in ("", name):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.start()
+    address = f"{config.host}:{port}"
+    logger.info("%s listening on %s; loading %s", config.service, address, config.model)
+
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    if config.parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(config.parent_pid, stop), daemon=True).start()
+
+    try:
+        load()
+    except Exception:
+        server.stop(0)
+        raise
+    if stop.is_set():  # asked to stop while loading
+        server.stop(0)
+        return
+    for service in ("", name):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    line = f"serving {config.service} on {address}"
+    (ready_line or (lambda text: print(text, flush=True)))(line)
+    logger.info(line)
+
+    stop.wait()
+    logger.info("draining: finishing in-flight calls for up to %.0f s", config.grace_s)
+    health_servicer.enter_graceful_shutdown()
+    server.stop(config.grace_s).wait()
+    logger.info("%s stopped", config.service)

@@ -1,0 +1,100 @@
+"""The parts of the two UNet services that are the same: unpacking requests, loading, warm-up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from anagram.v1 import anagram_pb2 as pb
+from illusions.models import UNetStage, load_unet_stage
+from illusions.sampling import (
+    InvalidInputError,
+    SamplingParams,
+    sample_stage_1,
+    sample_stage_2,
+)
+from illusions.text import MAX_LENGTH
+from illusions.views import View, build_views
+from services.common import codec
+from services.common.server import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+MAX_VIEWS = 16  # more views than this is a mistake, and the UNet batch would be 2x this
+
+
+def views_from_specs(specs: Sequence[pb.ViewSpec]) -> list[View]:
+    """Rebuild the run's views. Every spec carries the run's view seed."""
+    if not specs:
+        raise InvalidInputError("views is empty: give at least one view (identity for plain IF)")
+    if len(specs) > MAX_VIEWS:
+        raise InvalidInputError(f"{len(specs)} views is too many: use at most {MAX_VIEWS}")
+    seeds = {spec.seed for spec in specs}
+    if len(seeds) != 1:
+        raise InvalidInputError(
+            f"views carry different seeds {sorted(seeds)}: every view of a run uses the run's "
+            "view seed"
+        )
+    return build_views([s.name for s in specs], [list(s.args) for s in specs],
+                       view_seed=seeds.pop())
+
+
+def params_from_proto(params: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        reduction=params.reduction or "mean",
+        noise_level=params.noise_level,
+    )
+
+
+def embeds_from_request(request: pb.Stage1Request | pb.Stage2Request
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    prompt = codec.decode(request.prompt_embeds, "prompt_embeds")
+    negative = codec.decode(request.negative_prompt_embeds, "negative_prompt_embeds")
+    for name, tensor in (("prompt_embeds", prompt), ("negative_prompt_embeds", negative)):
+        if not tensor.is_floating_point():
+            raise InvalidInputError(f"{name} has dtype {tensor.dtype}: send float embeddings")
+    return prompt, negative
+
+
+def optional_image(message: pb.Tensor, field: str) -> torch.Tensor | None:
+    if not codec.is_set(message):
+        return None
+    image = codec.decode(message, field)
+    if not image.is_floating_point():
+        raise InvalidInputError(f"{field} has dtype {image.dtype}: send a float image in [-1, 1]")
+    return image
+
+
+def model_info(config: ServerConfig, stage: UNetStage) -> pb.ModelInfo:
+    unet = stage.unet.config
+    return pb.ModelInfo(
+        service=config.service, model=config.model, device=str(stage.device),
+        dtype=str(stage.dtype).removeprefix("torch."), quantize=config.quantize,
+        sample_size=int(unet.sample_size),
+        embed_dim=int(unet.encoder_hid_dim or unet.cross_attention_dim),
+        random_weights=config.random_weights,
+    )
+
+
+def load_stage(config: ServerConfig, stage_number: int) -> UNetStage:
+    """Load the UNet of ``config`` and run one tiny denoising step so the first call is warm."""
+    stage = load_unet_stage(
+        config.model, stage_number, device=config.device, dtype=config.dtype,
+        quantize=config.quantize, random_weights=config.random_weights,
+    )
+    dim = int(stage.unet.config.encoder_hid_dim or stage.unet.config.cross_attention_dim)
+    zeros = torch.zeros(1, MAX_LENGTH, dim)
+    views = build_views(["identity"])
+    params = SamplingParams(num_inference_steps=1, guidance_scale=1.0)
+    generator = torch.Generator().manual_seed(0)
+    if stage_number == 1:
+        sample_stage_1(stage, zeros, zeros, views, generator, params)
+    else:
+        image = torch.zeros(1, 3, stage.sample_size // 4, stage.sample_size // 4)
+        sample_stage_2(stage, image, zeros, zeros, views, generator, params)
+    logger.info("stage %d warmed up", stage_number)
+    return stage

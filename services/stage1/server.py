@@ -1,0 +1,66 @@
+"""The IF-I service: 64x64 multi-view sampling. Returns the image and the generator state."""
+
+from __future__ import annotations
+
+import grpc
+
+from anagram.v1 import anagram_pb2 as pb
+from anagram.v1 import anagram_pb2_grpc as pb_grpc
+from illusions.models import UNetStage
+from illusions.sampling import new_generator, sample_stage_1
+from services.common import codec
+from services.common.errors import rpc_errors
+from services.common.server import Admission, ModelHandle, ServerConfig, serve, stream_with_progress
+from services.common.stage import (
+    embeds_from_request,
+    load_stage,
+    model_info,
+    optional_image,
+    params_from_proto,
+    views_from_specs,
+)
+
+
+class Stage1Servicer(pb_grpc.Stage1Servicer):
+    def __init__(self, model: ModelHandle[UNetStage], admission: Admission) -> None:
+        self.model = model
+        self.admission = admission
+
+    @rpc_errors
+    def Sample(self, request: pb.Stage1Request, context: grpc.ServicerContext):  # noqa: N802
+        stage = self.model.get()
+        prompt_embeds, negative = embeds_from_request(request)
+        views = views_from_specs(request.views)
+        params = params_from_proto(request.params)
+        ref_image = optional_image(request.ref_image, "ref_image")
+        generator = new_generator(request.params.seed)
+
+        def work(progress, should_stop) -> pb.SampleResult:
+            image = sample_stage_1(stage, prompt_embeds, negative, views, generator, params,
+                                   ref_image=ref_image, callback=progress,
+                                   should_stop=should_stop)
+            return pb.SampleResult(image=codec.encode(image.float()),
+                                   rng_state=codec.encode(generator.get_state()))
+
+        self.admission.acquire(context.is_active)
+        try:
+            yield from stream_with_progress(work, context)
+        finally:
+            self.admission.release()
+
+    @rpc_errors
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext  # noqa: N802
+                 ) -> pb.ModelInfo:
+        return self.model.info
+
+
+def main(config: ServerConfig) -> None:
+    handle: ModelHandle[UNetStage] = ModelHandle("stage1")
+    servicer = Stage1Servicer(handle, Admission(config.max_concurrent, config.max_queue))
+
+    def load() -> pb.ModelInfo:
+        stage = load_stage(config, 1)
+        handle.set(stage, model_info(config, stage))
+        return handle.info
+
+    serve(config, lambda server: pb_grpc.add_Stage1Servicer_to_server(servicer, server), load)

@@ -1,0 +1,73 @@
+"""The IF-II service: 64 -> 256 multi-view super-resolution, continuing stage 1's generator."""
+
+from __future__ import annotations
+
+import grpc
+
+from anagram.v1 import anagram_pb2 as pb
+from anagram.v1 import anagram_pb2_grpc as pb_grpc
+from illusions.models import UNetStage
+from illusions.sampling import generator_from_state, new_generator, sample_stage_2
+from services.common import codec
+from services.common.errors import rpc_errors
+from services.common.server import Admission, ModelHandle, ServerConfig, serve, stream_with_progress
+from services.common.stage import (
+    embeds_from_request,
+    load_stage,
+    model_info,
+    optional_image,
+    params_from_proto,
+    views_from_specs,
+)
+
+
+class Stage2Servicer(pb_grpc.Stage2Servicer):
+    def __init__(self, model: ModelHandle[UNetStage], admission: Admission) -> None:
+        self.model = model
+        self.admission = admission
+
+    @rpc_errors
+    def Sample(self, request: pb.Stage2Request, context: grpc.ServicerContext):  # noqa: N802
+        stage = self.model.get()
+        image = optional_image(request.image, "image")
+        if image is None:
+            from illusions.sampling import InvalidInputError
+
+            raise InvalidInputError("image is missing: send the stage-1 output (1, 3, H, H)")
+        prompt_embeds, negative = embeds_from_request(request)
+        views = views_from_specs(request.views)
+        params = params_from_proto(request.params)
+        ref_image = optional_image(request.ref_image, "ref_image")
+        if codec.is_set(request.rng_state):
+            generator = generator_from_state(codec.decode(request.rng_state, "rng_state"))
+        else:
+            generator = new_generator(request.params.seed)
+
+        def work(progress, should_stop) -> pb.SampleResult:
+            out = sample_stage_2(stage, image, prompt_embeds, negative, views, generator, params,
+                                 ref_image=ref_image, callback=progress, should_stop=should_stop)
+            return pb.SampleResult(image=codec.encode(out.float()),
+                                   rng_state=codec.encode(generator.get_state()))
+
+        self.admission.acquire(context.is_active)
+        try:
+            yield from stream_with_progress(work, context)
+        finally:
+            self.admission.release()
+
+    @rpc_errors
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext  # noqa: N802
+                 ) -> pb.ModelInfo:
+        return self.model.info
+
+
+def main(config: ServerConfig) -> None:
+    handle: ModelHandle[UNetStage] = ModelHandle("stage2")
+    servicer = Stage2Servicer(handle, Admission(config.max_concurrent, config.max_queue))
+
+    def load() -> pb.ModelInfo:
+        stage = load_stage(config, 2)
+        handle.set(stage, model_info(config, stage))
+        return handle.info
+
+    serve(config, lambda server: pb_grpc.add_Stage2Servicer_to_server(servicer, server), load)
