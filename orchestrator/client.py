@@ -152,7 +152,7 @@ class CascadeClient:
     def _unary(self, name: str, call: Callable[..., object], request: object,
                timeout: float) -> object:
         try:
-            return call(request, timeout=timeout, wait_for_ready=True)
+            return call(request, timeout=timeout)
         except grpc.RpcError as err:
             service = self.services[name]
             raise _translate(name, service.address, err, timeout) from None
@@ -189,11 +189,11 @@ class CascadeClient:
     def stage1(self, request: pb.Stage1Request, progress: ProgressCallback | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (image (1,3,64,64) float32, generator state)."""
-        events = self._stage1.Sample(request, timeout=self.timeout, wait_for_ready=True)
+        events = self._stage1.Sample(request, timeout=self.timeout)
         return self._stream("stage1", events, progress)
 
     def stage2(self, request: pb.Stage2Request, progress: ProgressCallback | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (image (1,3,256,256) float32, generator state)."""
-        events = self._stage2.Sample(request, timeout=self.timeout, wait_for_ready=True)
+        events = self._stage2.Sample(request, timeout=self.timeout)
         return self._stream("stage2", events, progress)

@@ -80,6 +80,8 @@ class Admission:
         self._max_waiting = max_waiting
 
     def acquire(self, is_active: Callable[[], bool]) -> None:
+        if self._slots.acquire(blocking=False):
+            return
         with self._lock:
             if self._waiting >= self._max_waiting:
                 raise ServiceOverloaded(
@@ -135,6 +137,7 @@ def stream_with_progress(
         return not context.is_active() or (remaining is not None and remaining <= 0)
 
     def progress(step: int, total: int) -> None:
+        logger.debug("step %d/%d", step, total)
         events.put(("progress", pb.Progress(step=step, total=total)))
 
     def run() -> None:
@@ -177,13 +180,15 @@ def serve(
     add_servicer: Callable[[grpc.Server], None],
     load: Callable[[], pb.ModelInfo],
     ready_line: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
     """Run one service until SIGTERM/SIGINT.
 
     1. Bind the port and start the server with health NOT_SERVING (calls get UNAVAILABLE).
     2. ``load()`` loads the model and warms it up; health becomes SERVING and one line
        ``serving <service> on <host>:<port>`` is printed.
-    3. On SIGTERM: NOT_SERVING, refuse new calls, give in-flight calls ``grace_s``, exit.
+    3. On SIGTERM (or ``stop`` set): NOT_SERVING, refuse new calls, give in-flight calls
+       ``grace_s``, return.
     """
     name = SERVICE_NAMES[config.service]
     server, port = create_server(f"{config.host}:{config.port}",
@@ -200,7 +205,7 @@ def serve(
     address = f"{config.host}:{port}"
     logger.info("%s listening on %s; loading %s", config.service, address, config.model)
 
-    stop = threading.Event()
+    stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

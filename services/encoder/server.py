@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import grpc
 
 from anagram.v1 import anagram_pb2 as pb
@@ -50,7 +53,8 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         return self.model.info
 
 
-def main(config: ServerConfig) -> None:
+def main(config: ServerConfig, stop: threading.Event | None = None,
+         ready_line: Callable[[str], None] | None = None) -> None:
     handle: ModelHandle[TextEncoder] = ModelHandle("encoder")
     servicer = EncoderServicer(handle, Admission(config.max_concurrent, config.max_queue))
 
@@ -68,4 +72,5 @@ def main(config: ServerConfig) -> None:
         handle.set(encoder, info)
         return info
 
-    serve(config, lambda server: pb_grpc.add_EncoderServicer_to_server(servicer, server), load)
+    serve(config, lambda server: pb_grpc.add_EncoderServicer_to_server(servicer, server), load,
+          ready_line=ready_line, stop=stop)

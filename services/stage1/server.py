@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import grpc
 
 from anagram.v1 import anagram_pb2 as pb
@@ -54,7 +57,8 @@ class Stage1Servicer(pb_grpc.Stage1Servicer):
         return self.model.info
 
 
-def main(config: ServerConfig) -> None:
+def main(config: ServerConfig, stop: threading.Event | None = None,
+         ready_line: Callable[[str], None] | None = None) -> None:
     handle: ModelHandle[UNetStage] = ModelHandle("stage1")
     servicer = Stage1Servicer(handle, Admission(config.max_concurrent, config.max_queue))
 
@@ -63,4 +67,5 @@ def main(config: ServerConfig) -> None:
         handle.set(stage, model_info(config, stage))
         return handle.info
 
-    serve(config, lambda server: pb_grpc.add_Stage1Servicer_to_server(servicer, server), load)
+    serve(config, lambda server: pb_grpc.add_Stage1Servicer_to_server(servicer, server), load,
+          ready_line=ready_line, stop=stop)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import grpc
 
 from anagram.v1 import anagram_pb2 as pb
 from anagram.v1 import anagram_pb2_grpc as pb_grpc
 from illusions.models import UNetStage
-from illusions.sampling import generator_from_state, new_generator, sample_stage_2
+from illusions.sampling import (
+    InvalidInputError,
+    generator_from_state,
+    new_generator,
+    sample_stage_2,
+)
 from services.common import codec
 from services.common.errors import rpc_errors
 from services.common.server import Admission, ModelHandle, ServerConfig, serve, stream_with_progress
@@ -31,8 +39,6 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
         stage = self.model.get()
         image = optional_image(request.image, "image")
         if image is None:
-            from illusions.sampling import InvalidInputError
-
             raise InvalidInputError("image is missing: send the stage-1 output (1, 3, H, H)")
         prompt_embeds, negative = embeds_from_request(request)
         views = views_from_specs(request.views)
@@ -61,7 +67,8 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
         return self.model.info
 
 
-def main(config: ServerConfig) -> None:
+def main(config: ServerConfig, stop: threading.Event | None = None,
+         ready_line: Callable[[str], None] | None = None) -> None:
     handle: ModelHandle[UNetStage] = ModelHandle("stage2")
     servicer = Stage2Servicer(handle, Admission(config.max_concurrent, config.max_queue))
 
@@ -70,4 +77,5 @@ def main(config: ServerConfig) -> None:
         handle.set(stage, model_info(config, stage))
         return handle.info
 
-    serve(config, lambda server: pb_grpc.add_Stage2Servicer_to_server(servicer, server), load)
+    serve(config, lambda server: pb_grpc.add_Stage2Servicer_to_server(servicer, server), load,
+          ready_line=ready_line, stop=stop)

@@ -1,0 +1,276 @@
+"""The three services on real loopback ports: codec, health, reflection, errors, deadlines,
+cancellation, overload and the RNG hand-over between stage 1 and stage 2."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import pytest
+import torch
+from conftest import CASES, STAGE1_DIR, STAGE2_DIR, TOLERANCE
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from anagram.v1 import anagram_pb2 as pb
+from anagram.v1 import anagram_pb2_grpc as pb_grpc
+from orchestrator.client import CascadeClient, ServiceError, grpc_target, open_channel
+from services.common import codec
+from services.common.server import ServerConfig
+
+
+@contextmanager
+def running(service: str, model: str, **options) -> Iterator[str]:
+    """Run one service in a thread through its real ``main``; yield its address."""
+    from services.encoder.server import main as encoder_main
+    from services.stage1.server import main as stage1_main
+    from services.stage2.server import main as stage2_main
+
+    mains = {"encoder": encoder_main, "stage1": stage1_main, "stage2": stage2_main}
+    stop, ready = threading.Event(), threading.Event()
+    address: list[str] = []
+
+    def on_ready(line: str) -> None:
+        address.append(line.rsplit(" ", 1)[-1])
+        ready.set()
+
+    config = ServerConfig(service=service, model=model, grace_s=2.0, **options)
+    thread = threading.Thread(target=mains[service], args=(config, stop, on_ready), daemon=True)
+    thread.start()
+    assert ready.wait(120), f"{service} did not start"
+    try:
+        yield address[0]
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def services() -> Iterator[dict[str, str]]:
+    with running("encoder", str(STAGE1_DIR)) as enc, running("stage1", str(STAGE1_DIR)) as s1, \
+            running("stage2", str(STAGE2_DIR)) as s2:
+        yield {"encoder": enc, "stage1": s1, "stage2": s2}
+
+
+@pytest.fixture(scope="module")
+def client(services) -> Iterator[CascadeClient]:
+    with CascadeClient(services["encoder"], services["stage1"], services["stage2"],
+                       timeout=120) as c:
+        yield c
+
+
+# ---------------------------------------------------------------------------------- codec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                   torch.uint8, torch.int8, torch.int32, torch.int64, torch.bool])
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 3), (1, 3, 4, 4)])
+def test_codec_round_trip(dtype, shape):
+    source = (torch.randn(shape) * 50).to(dtype)
+    back = codec.decode(codec.encode(source))
+    assert back.dtype == dtype and back.shape == source.shape
+    assert torch.equal(back, source)
+
+
+def test_codec_handles_non_contiguous_and_rejects_bad_messages():
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()
+    assert torch.equal(codec.decode(codec.encode(x)), x)
+    with pytest.raises(codec.CodecError, match="needs 16"):
+        codec.decode(pb.Tensor(dtype="float32", shape=[4], data=b"\0" * 15))
+    with pytest.raises(codec.CodecError, match="not supported"):
+        codec.decode(pb.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8))
+    with pytest.raises(codec.CodecError, match="negative"):
+        codec.decode(pb.Tensor(dtype="float32", shape=[-1], data=b""))
+
+
+def test_replica_targets():
+    assert grpc_target("127.0.0.1:5000") == "127.0.0.1:5000"
+    assert grpc_target("127.0.0.1:1,localhost:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert grpc_target("dns:///stage2.svc:50052") == "dns:///stage2.svc:50052"
+    with pytest.raises(ValueError, match="dns:///"):
+        grpc_target("host-a:1,host-b:2")
+
+
+# ------------------------------------------------------------------------- health, reflection
+
+
+def test_health_and_reflection(services):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for name, service in (("encoder", "anagram.v1.Encoder"), ("stage1", "anagram.v1.Stage1"),
+                          ("stage2", "anagram.v1.Stage2")):
+        with open_channel(services[name]) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answers = stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            listed = {s.name for a in answers for s in a.list_services_response.service}
+            assert service in listed
+
+
+def test_describe(client):
+    info = client.describe()
+    assert info["stage1"].sample_size == 64 and info["stage2"].sample_size == 256
+    assert info["encoder"].embed_dim == info["stage1"].embed_dim == 32
+
+
+# ------------------------------------------------------------------- the job through services
+
+
+def _requests(client: CascadeClient, case: dict) -> tuple[pb.Stage1Request, pb.SamplingParams]:
+    prompt_embeds, negative = client.encode(case["prompts"])
+    params = pb.SamplingParams(num_inference_steps=case["steps"],
+                               guidance_scale=case["guidance_scale"],
+                               reduction=case["reduction"], noise_level=case["noise_level"],
+                               seed=case["seed"])
+    views = [pb.ViewSpec(name=v, seed=case.get("view_seed", 0)) for v in case["views"]]
+    return pb.Stage1Request(prompt_embeds=codec.encode(prompt_embeds),
+                            negative_prompt_embeds=codec.encode(negative), views=views,
+                            params=params), params
+
+
+@pytest.mark.parametrize("name", ["patch_permute", "hybrid"])
+def test_services_reproduce_reference(client, reference, name):
+    case = next(c for c in CASES if c["name"] == name)
+    request, params = _requests(client, case)
+    steps: list[tuple[int, int]] = []
+    image64, state = client.stage1(request, lambda i, n: steps.append((i, n)))
+    assert steps[-1] == (case["steps"], case["steps"]) and len(steps) == case["steps"]
+    image256, _ = client.stage2(pb.Stage2Request(
+        image=codec.encode(image64), prompt_embeds=request.prompt_embeds,
+        negative_prompt_embeds=request.negative_prompt_embeds, views=request.views,
+        params=params, rng_state=codec.encode(state)))
+    assert (image64 - reference[f"{name}/stage_1"]).abs().max() <= TOLERANCE
+    assert (image256 - reference[f"{name}/stage_2"]).abs().max() <= TOLERANCE
+
+
+# ------------------------------------------------------------------------------ bad requests
+
+
+def _stage1_request(client: CascadeClient, **changes) -> pb.Stage1Request:
+    request, _ = _requests(client, CASES[0])
+    for key, value in changes.items():
+        if key == "params":
+            request.params.CopyFrom(value)
+        elif key == "views":
+            del request.views[:]
+            request.views.extend(value)
+        else:
+            getattr(request, key).CopyFrom(value)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"views": [pb.ViewSpec(name="spin")]}, "spin"),
+        ({"views": [pb.ViewSpec(name="identity")]}, "one prompt per view"),
+        ({"views": [pb.ViewSpec(name="identity"),
+                    pb.ViewSpec(name="patch_permute", args=["num_patches=7"])]}, "num_patches"),
+        ({"params": pb.SamplingParams(num_inference_steps=0, guidance_scale=3)},
+         "num_inference_steps"),
+        ({"params": pb.SamplingParams(num_inference_steps=2, guidance_scale=3,
+                                      reduction="median")}, "reduction"),
+        ({"prompt_embeds": pb.Tensor(dtype="float32", shape=[2, 77, 32], data=b"x")}, "bytes"),
+        ({"prompt_embeds": codec.encode(torch.full((2, 77, 32), float("nan")))}, "NaN"),
+        ({"prompt_embeds": codec.encode(torch.zeros(2, 77, 16))}, "width"),
+        ({"negative_prompt_embeds": codec.encode(torch.zeros(1, 77, 32, dtype=torch.int32))},
+         "float"),
+    ],
+)
+def test_bad_stage1_requests_are_invalid_argument(client, services, changes, match):
+    with pytest.raises(ServiceError) as info:
+        client.stage1(_stage1_request(client, **changes))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert match in str(info.value) and services["stage1"] in str(info.value)
+    client.check(timeout=5)  # still serving
+
+
+def test_bad_stage2_requests(client):
+    request, params = _requests(client, CASES[0])
+    base = dict(prompt_embeds=request.prompt_embeds,
+                negative_prompt_embeds=request.negative_prompt_embeds, views=request.views,
+                params=params)
+    with pytest.raises(ServiceError, match="image is missing"):
+        client.stage2(pb.Stage2Request(**base))
+    with pytest.raises(ServiceError, match="rng_state"):
+        client.stage2(pb.Stage2Request(image=codec.encode(torch.zeros(1, 3, 64, 64)),
+                                       rng_state=codec.encode(torch.zeros(3, dtype=torch.uint8)),
+                                       **base))
+    with pytest.raises(ServiceError, match="prompts is empty"):
+        client.encode([])
+
+
+def test_deadline_stops_the_loop_and_server_keeps_serving(services, client):
+    request = _stage1_request(client, params=pb.SamplingParams(
+        num_inference_steps=1000, guidance_scale=3, seed=0))
+    with open_channel(services["stage1"]) as channel:
+        stub = pb_grpc.Stage1Stub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in stub.Sample(request, timeout=1.0):
+                pass
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The abandoned 1000-step call must not hold the single slot: a short call runs right away.
+    quick = _stage1_request(client, params=pb.SamplingParams(
+        num_inference_steps=2, guidance_scale=3, seed=0))
+    image, _ = client.stage1(quick)
+    assert image.shape == (1, 3, 64, 64)
+    assert time.monotonic() - started < 30
+
+
+def test_cancel_stops_within_a_step(caplog):
+    caplog.set_level(logging.DEBUG, logger="services.common.server")
+    with running("stage1", str(STAGE1_DIR)) as address:
+        with open_channel(address) as channel:
+            stub = pb_grpc.Stage1Stub(channel)
+            call = stub.Sample(_stage1_request_static(num_inference_steps=500), timeout=60)
+            seen = 0
+            for event in call:
+                seen = event.progress.step
+                if seen >= 2:
+                    call.cancel()
+                    break
+            time.sleep(1.5)  # without the stop, hundreds of tiny steps would run meanwhile
+            steps_run = [r.args[0] for r in caplog.records if r.getMessage().startswith("step ")
+                         and r.args[1] == 500]
+            # The server is free again: a new call runs to the end.
+            events = list(stub.Sample(_stage1_request_static(num_inference_steps=3), timeout=60))
+    assert seen >= 2
+    assert max(steps_run) <= seen + 2, f"loop ran on to step {max(steps_run)} after cancel at {seen}"
+    assert len(events) == 4 and events[-1].HasField("result")  # 3 progress events + the result
+
+
+def _stage1_request_static(num_inference_steps: int) -> pb.Stage1Request:
+    return pb.Stage1Request(
+        prompt_embeds=codec.encode(torch.zeros(2, 77, 32)),
+        negative_prompt_embeds=codec.encode(torch.zeros(1, 77, 32)),
+        views=[pb.ViewSpec(name="identity"), pb.ViewSpec(name="flip")],
+        params=pb.SamplingParams(num_inference_steps=num_inference_steps, guidance_scale=3),
+    )
+
+
+def test_overload_is_resource_exhausted():
+    with running("stage1", str(STAGE1_DIR), max_queue=0) as address:
+        with open_channel(address) as channel:
+            stub = pb_grpc.Stage1Stub(channel)
+            busy = stub.Sample(_stage1_request_static(500), timeout=60)
+            next(busy)  # it is running now and holds the only slot
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Sample(_stage1_request_static(2), timeout=30))
+            busy.cancel()
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry" in info.value.details()
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert int(trailing["retry-after-ms"]) > 0
+
+
+def test_unreachable_service_is_named():
+    with CascadeClient("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1", timeout=5) as dead:
+        with pytest.raises(ServiceError, match=r"encoder at 127\.0\.0\.1:1 does not answer"):
+            dead.check(timeout=1)
