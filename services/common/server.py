@@ -164,6 +164,7 @@ def configure_logging() -> None:
         level=os.environ.get("ILLUSION_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # the CLI configured logging for itself already
     )
 
 

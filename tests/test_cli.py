@@ -1,0 +1,225 @@
+"""The ``illusion`` CLI end to end, through real service processes on loopback ports."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import CASES, STAGE1_DIR, STAGE2_DIR, TOLERANCE
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--stage1-model", str(STAGE1_DIR), "--stage2-model", str(STAGE2_DIR)]
+
+
+def illusion(*args: str, env: dict[str, str] | None = None, timeout: float = 600
+             ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def case_args(name: str) -> list[str]:
+    case = next(c for c in CASES if c["name"] == name)
+    args = ["--prompts", *case["prompts"], "--views", *case["views"],
+            "--seed", str(case["seed"]), "--num-inference-steps", str(case["steps"]),
+            "--guidance-scale", str(case["guidance_scale"]), "--reduction", case["reduction"],
+            "--noise-level", str(case["noise_level"])]
+    if "view_seed" in case:
+        args += ["--view-seed", str(case["view_seed"])]
+    return args
+
+
+def assert_matches_reference(sample: Path, name: str, reference) -> None:
+    tensors = load_file(str(sample / "tensors.safetensors"))
+    assert tensors["stage_1"].shape == (1, 3, 64, 64)
+    assert tensors["stage_2"].shape == (1, 3, 256, 256)
+    assert (tensors["stage_1"] - reference[f"{name}/stage_1"]).abs().max() <= TOLERANCE
+    assert (tensors["stage_2"] - reference[f"{name}/stage_2"]).abs().max() <= TOLERANCE
+
+
+@contextmanager
+def serve(kind: str, model: Path, env: dict[str, str] | None = None) -> Iterator[
+        tuple[str, subprocess.Popen[str]]]:
+    """``illusion serve KIND --port 0`` as a separate process; yields (address, process)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "serve", kind, "--model", str(model),
+         "--port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        line = process.stdout.readline().strip()  # type: ignore[union-attr]
+        assert line.startswith(f"serving {kind} on 127.0.0.1:"), (line, process.stderr.read())
+        yield line.rsplit(" ", 1)[-1], process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def remote() -> Iterator[dict[str, str]]:
+    with serve("encoder", STAGE1_DIR) as (enc, _), serve("stage1", STAGE1_DIR) as (s1, _), \
+            serve("stage2", STAGE2_DIR) as (s2, _):
+        yield {"encoder": enc, "stage1": s1, "stage2": s2}
+
+
+def test_local_mode_reproduces_reference(tmp_path, reference):
+    result = illusion("generate", *case_args("flip"), *TINY, "--save-dir", str(tmp_path),
+                      "--name", "flip", "--save-tensors", "--num-samples", "2")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "flip"
+    assert_matches_reference(run / "0000", "flip", reference)
+    for seed in ("0000", "0001"):
+        for f in ("sample_64.png", "sample_64.views.png", "sample_256.png",
+                  "sample_256.views.png", "tensors.safetensors"):
+            assert (run / seed / f).is_file(), f"{seed}/{f} missing"
+    # Sample 1 uses seed 1: another picture.
+    t0, t1 = (load_file(str(run / s / "tensors.safetensors"))["stage_2"] for s in ("0000", "0001"))
+    assert (t0 - t1).abs().max() > 1e-2
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["samples_done"] == [0, 1] and meta["views"][1]["name"] == "flip"
+    assert meta["models"]["stage1"]["model"] == str(STAGE1_DIR)
+    assert not list(run.glob(".*partial"))
+
+
+def test_remote_services_reproduce_reference_with_style(tmp_path, remote, reference):
+    # The flip case's prompts are "an oil painting of a waterfall" / "... a deer".
+    args = case_args("flip")
+    i = args.index("--prompts")
+    args[i + 1:i + 3] = ["a waterfall", "a deer"]
+    result = illusion("generate", *args, "--style", "an oil painting of",
+                      "--encoder", remote["encoder"], "--stage1", remote["stage1"],
+                      "--stage2", remote["stage2"], "--save-dir", str(tmp_path), "--name", "r",
+                      "--save-tensors")
+    assert result.returncode == 0, result.stderr
+    assert_matches_reference(tmp_path / "r" / "0000", "flip", reference)
+    meta = json.loads((tmp_path / "r" / "metadata.json").read_text())
+    assert meta["prompts"] == ["an oil painting of a waterfall", "an oil painting of a deer"]
+
+
+def test_remote_permutation_view_with_view_seed(tmp_path, remote, reference):
+    result = illusion("generate", *case_args("patch_permute"), "--encoder", remote["encoder"],
+                      "--stage1", remote["stage1"], "--stage2", remote["stage2"],
+                      "--save-dir", str(tmp_path), "--name", "p", "--save-tensors")
+    assert result.returncode == 0, result.stderr
+    assert_matches_reference(tmp_path / "p" / "0003", "patch_permute", reference)  # seed 3
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--prompts", "a", "b", "--views", "identity", "spin"], ["spin", "jigsaw", "flip"]),
+        (["--prompts", "a", "b", "c", "--views", "identity", "flip"],
+         ["3 prompts for 2 views", "one prompt per view"]),
+        (["--prompts", "a", "b", "--views", "identity", "patch_permute",
+          "--view-args", "", "num_patches=7"], ["num_patches"]),
+        (["--prompts", "a", "b", "--views", "identity", "skew", "--view-args", "", "abc"],
+         ["skew"]),
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--num-inference-steps", "0"],
+         ["num_inference_steps"]),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, args, expected):
+    result = illusion("generate", *args, *TINY, "--save-dir", str(tmp_path), timeout=120)
+    assert result.returncode == 2
+    line = _one_error_line(result)
+    for text in expected:
+        assert text in line
+    assert not any(tmp_path.iterdir()), "nothing is written for a bad request"
+
+
+def test_unanswering_address_is_named(tmp_path):
+    result = illusion("generate", "--prompts", "a", "b", "--views", "identity", "flip",
+                      "--encoder", "127.0.0.1:9", "--stage1", "127.0.0.1:9",
+                      "--stage2", "127.0.0.1:9", "--save-dir", str(tmp_path), timeout=120)
+    assert result.returncode == 1
+    assert "encoder at 127.0.0.1:9 does not answer" in _one_error_line(result)
+
+
+class _GatedHub(http.server.BaseHTTPRequestHandler):
+    """Answers every Hub request the way the Hub answers for a gated repo without a login."""
+
+    def _gated(self) -> None:
+        self.send_response(401)
+        self.send_header("X-Error-Code", "GatedRepo")
+        self.send_header("X-Error-Message", "Access to model DeepFloyd/IF-I-M-v1.0 is restricted.")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _gated  # noqa: N815
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_gated_model_without_login_is_one_sentence(tmp_path):
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}",
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": ""}
+    try:
+        result = illusion("generate", "--prompts", "a", "b", "--views", "identity", "flip",
+                          "--save-dir", str(tmp_path / "out"), env=env, timeout=300)
+    finally:
+        hub.shutdown()
+    assert result.returncode == 1
+    line = _one_error_line(result)
+    assert "DeepFloyd/IF-I-M-v1.0 is a gated model" in line and "hf auth login" in line
+
+
+def test_killed_service_mid_run_leaves_no_half_written_sample(tmp_path, remote):
+    with serve("stage2", STAGE2_DIR, env={"ILLUSION_LOG_LEVEL": "DEBUG"}) as (address, stage2):
+        run = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "generate", "--prompts", "a", "b",
+             "--views", "identity", "flip", "--num-inference-steps", "60",
+             "--guidance-scale", "3", "--encoder", remote["encoder"], "--stage1",
+             remote["stage1"], "--stage2", address, "--save-dir", str(tmp_path), "--name", "k",
+             "--save-tensors"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        # Wait until stage 2 is denoising (its DEBUG log shows the steps), then kill it hard.
+        denoising = threading.Event()
+
+        def watch() -> None:
+            for line in stage2.stderr:  # type: ignore[union-attr]
+                if "step 3/60" in line:
+                    denoising.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        assert denoising.wait(300), "stage 2 never started denoising"
+        stage2.kill()
+        stage2.wait()
+        out, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    line = _one_error_line(subprocess.CompletedProcess([], 1, out, err))
+    assert f"stage2 at {address}" in line
+    run_dir = tmp_path / "k"
+    assert not (run_dir / "0000").exists()
+    assert not list(run_dir.glob(".*partial"))
+    assert json.loads((run_dir / "metadata.json").read_text())["samples_done"] == []
+
+
+def test_views_command_lists_every_view_with_arguments():
+    result = illusion("views", timeout=120)
+    assert result.returncode == 0
+    for name in ("identity", "flip", "jigsaw", "patch_permute", "low_pass", "scale"):
+        assert name in result.stdout
+    assert "num_patches" in result.stdout and "grid" in result.stdout
