@@ -17,6 +17,8 @@ def generate(root: Path | None = None) -> list[Path]:
     root = Path(root or Path(__file__).resolve().parents[1])
     proto_dir = root / "protos"
     protos = sorted(proto_dir.rglob("*.proto"))
+    if not protos:
+        raise FileNotFoundError(f"no .proto files under {proto_dir}")
     include = Path(protoc.__file__).parent / "_proto"
     for proto in protos:
         args = [
