@@ -223,3 +223,33 @@ def test_views_command_lists_every_view_with_arguments():
     for name in ("identity", "flip", "jigsaw", "patch_permute", "low_pass", "scale"):
         assert name in result.stdout
     assert "num_patches" in result.stdout and "grid" in result.stdout
+
+
+def test_sigterm_drains_in_flight_call_then_exits():
+    import grpc
+    import torch
+
+    from anagram.v1 import anagram_pb2 as pb
+    from anagram.v1 import anagram_pb2_grpc as pb_grpc
+    from orchestrator.client import open_channel
+    from services.common import codec
+
+    request = pb.Stage1Request(
+        prompt_embeds=codec.encode(torch.zeros(2, 77, 32)),
+        negative_prompt_embeds=codec.encode(torch.zeros(1, 77, 32)),
+        views=[pb.ViewSpec(name="identity"), pb.ViewSpec(name="flip")],
+        params=pb.SamplingParams(num_inference_steps=40, guidance_scale=3),
+    )
+    with serve("stage1", STAGE1_DIR) as (address, process), open_channel(address) as channel:
+        stub = pb_grpc.Stage1Stub(channel)
+        call = stub.Sample(request, timeout=120)
+        first = next(call)
+        assert first.HasField("progress")
+        process.send_signal(signal.SIGTERM)
+        events = list(call)  # the call in flight is allowed to finish
+        assert events[-1].HasField("result")
+        assert codec.decode(events[-1].result.image).shape == (1, 3, 64, 64)
+        assert process.wait(30) == 0
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Sample(request, timeout=5))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
