@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -114,6 +115,14 @@ class ModelHandle(Generic[T]):
 
     def set(self, model: T, info: pb.ModelInfo) -> None:
         self._model, self.info = model, info
+
+    def describe(self) -> pb.ModelInfo:
+        """The model's info, with the accelerator memory peak so far."""
+        info = pb.ModelInfo()
+        info.CopyFrom(self.info)
+        if info.device.startswith("cuda"):
+            info.peak_memory_bytes = torch.cuda.max_memory_reserved(torch.device(info.device))
+        return info
 
     def get(self) -> T:
         if self._model is None:

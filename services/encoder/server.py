@@ -50,7 +50,7 @@ class EncoderServicer(pb_grpc.EncoderServicer):
     @rpc_errors
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext  # noqa: N802
                  ) -> pb.ModelInfo:
-        return self.model.info
+        return self.model.describe()
 
 
 def main(config: ServerConfig, stop: threading.Event | None = None,

@@ -54,7 +54,7 @@ class Stage1Servicer(pb_grpc.Stage1Servicer):
     @rpc_errors
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext  # noqa: N802
                  ) -> pb.ModelInfo:
-        return self.model.info
+        return self.model.describe()
 
 
 def main(config: ServerConfig, stop: threading.Event | None = None,

@@ -64,7 +64,7 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
     @rpc_errors
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext  # noqa: N802
                  ) -> pb.ModelInfo:
-        return self.model.info
+        return self.model.describe()
 
 
 def main(config: ServerConfig, stop: threading.Event | None = None,

@@ -1,0 +1,269 @@
+"""GPU benchmark at real model sizes (random weights from the real configs in bench/model-configs).
+
+For each cascade (M/M: IF-I-M + IF-II-M, XL/L: IF-I-XL + IF-II-L) and each view count it measures,
+in one run on one machine:
+
+1. the in-process baseline (bench/baseline.py: the reference sampler's structure, eager);
+2. the same work through the three real services started by local mode (``--random-weights``):
+   per-stage and end-to-end latency, wire bytes, serialization time, and the peak GPU memory of
+   each service process (torch's peak reserved, and nvidia-smi's per-process figure sampled);
+
+and prints one JSON document (``--out`` writes it too). Usage::
+
+    python -m bench.run --cascades M/M XL/L --views 2 4 --steps 30 --guidance 10 --out res.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anagram.v1 import anagram_pb2 as pb
+from bench.baseline import reference_stage_1, reference_stage_2
+from illusions.models import load_unet_stage
+from illusions.views import build_views
+from orchestrator.client import CascadeClient
+from orchestrator.local import LocalServices, LocalServiceSpec
+from services.common import codec
+
+logger = logging.getLogger("bench")
+
+CONFIGS = Path(__file__).parent / "model-configs" / "DeepFloyd"
+CASCADES = {
+    "M/M": ("IF-I-M-v1.0", "IF-II-M-v1.0"),
+    "L/M": ("IF-I-L-v1.0", "IF-II-M-v1.0"),
+    "XL/L": ("IF-I-XL-v1.0", "IF-II-L-v1.0"),
+}
+# IF's T5 is T5-v1.1-XXL in every stage-1 repo; its config sits in text_encoder/.
+ENCODER = CONFIGS / "IF-I-XL-v1.0"
+VIEW_SETS = {1: ["identity"], 2: ["identity", "flip"], 3: ["identity", "flip", "rotate_cw"],
+             4: ["identity", "flip", "rotate_cw", "rotate_ccw"]}
+GiB = 2**30
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class GpuMemorySampler:
+    """Samples nvidia-smi's per-process memory every ``period`` s; keeps each pid's peak (MiB)."""
+
+    def __init__(self, period: float = 0.2) -> None:
+        self.period = period
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                     "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10,
+                ).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return
+            for line in out.strip().splitlines():
+                try:
+                    pid, mib = (int(x) for x in line.split(","))
+                except ValueError:
+                    continue
+                self.peaks[pid] = max(self.peaks.get(pid, 0), mib)
+
+    def __enter__(self) -> GpuMemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _embeds(views: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(views, 77, dim, generator=g).to(dtype),
+            torch.randn(1, 77, dim, generator=g).to(dtype))
+
+
+def run_baseline(cascade: str, n_views: int, steps: int, guidance: float, dtype: torch.dtype,
+                 repeats: int) -> dict[str, Any]:
+    """The reference-structured sampler in this process, both UNets on cuda:0."""
+    s1_dir, s2_dir = (str(CONFIGS / name) for name in CASCADES[cascade])
+    views = build_views(VIEW_SETS[n_views])
+    stage1 = load_unet_stage(s1_dir, 1, device="cuda", dtype=dtype, random_weights=True)
+    dim = int(stage1.unet.config.encoder_hid_dim or stage1.unet.config.cross_attention_dim)
+    prompt, negative = _embeds(n_views, dim, dtype)
+
+    torch.cuda.reset_peak_memory_stats()
+    base1 = torch.cuda.memory_allocated()
+    times1 = []
+    image = None
+    for r in range(repeats + 1):  # the first is warm-up
+        _sync()
+        t0 = time.perf_counter()
+        image = reference_stage_1(stage1, prompt, negative, views, torch.Generator().manual_seed(r),
+                                  steps, guidance)
+        _sync()
+        if r:
+            times1.append(time.perf_counter() - t0)
+    peak1 = torch.cuda.max_memory_allocated()
+    weights1 = base1
+    del stage1
+    torch.cuda.empty_cache()
+
+    stage2 = load_unet_stage(s2_dir, 2, device="cuda", dtype=dtype, random_weights=True)
+    torch.cuda.reset_peak_memory_stats()
+    base2 = torch.cuda.memory_allocated()
+    times2 = []
+    for r in range(repeats + 1):
+        _sync()
+        t0 = time.perf_counter()
+        reference_stage_2(stage2, image, prompt, negative, views, torch.Generator().manual_seed(r),
+                          steps, guidance)
+        _sync()
+        if r:
+            times2.append(time.perf_counter() - t0)
+    peak2 = torch.cuda.max_memory_allocated()
+    del stage2
+    torch.cuda.empty_cache()
+    s1, s2 = statistics.median(times1), statistics.median(times2)
+    return {
+        "stage1_s": s1, "stage2_s": s2, "end_to_end_s": s1 + s2,
+        "stage1_peak_allocated_gib": peak1 / GiB, "stage1_weights_gib": weights1 / GiB,
+        "stage2_peak_allocated_gib": peak2 / GiB, "stage2_weights_gib": base2 / GiB,
+    }
+
+
+def run_services(cascade: str, n_views: int, steps: int, guidance: float, dtype: str,
+                 repeats: int, encoder_device: str, encoder_dtype: str) -> dict[str, Any]:
+    """The same work through the three real services (local mode) on this machine's GPU(s)."""
+    s1_dir, s2_dir = (str(CONFIGS / name) for name in CASCADES[cascade])
+    gpus = torch.cuda.device_count()
+    stage2_device = "cuda:1" if gpus > 1 else "cuda:0"
+    specs = [
+        LocalServiceSpec("encoder", str(ENCODER), encoder_device, encoder_dtype,
+                         random_weights=True),
+        LocalServiceSpec("stage1", s1_dir, "cuda:0", dtype, random_weights=True),
+        LocalServiceSpec("stage2", s2_dir, stage2_device, dtype, random_weights=True),
+    ]
+    prompts = [f"prompt number {k}" for k in range(n_views)]
+    specs_pb = [pb.ViewSpec(name=name) for name in VIEW_SETS[n_views]]
+    local = LocalServices(specs)
+    with GpuMemorySampler() as sampler, local as addresses, CascadeClient(
+        addresses["encoder"], addresses["stage1"], addresses["stage2"], timeout=600
+    ) as client:
+        pids = {child.process.pid: child.spec.kind for child in local.children}
+        client.check()
+        t0 = time.perf_counter()
+        prompt_embeds, negative = client.encode(prompts)
+        encode_s = time.perf_counter() - t0
+        rows = []
+        for r in range(repeats + 1):
+            row: dict[str, float] = {}
+            params = pb.SamplingParams(num_inference_steps=steps, guidance_scale=guidance,
+                                       reduction="mean", noise_level=50, seed=r)
+            t = time.perf_counter()
+            embeds, neg = codec.encode(prompt_embeds), codec.encode(negative)
+            row["serialize_s"] = time.perf_counter() - t
+            request1 = pb.Stage1Request(prompt_embeds=embeds, negative_prompt_embeds=neg,
+                                        views=specs_pb, params=params)
+            t_start = time.perf_counter()
+            image, state = client.stage1(request1)
+            t_mid = time.perf_counter()
+            t = time.perf_counter()
+            request2 = pb.Stage2Request(image=codec.encode(image), prompt_embeds=embeds,
+                                        negative_prompt_embeds=neg, views=specs_pb,
+                                        params=params, rng_state=codec.encode(state))
+            row["serialize_s"] += time.perf_counter() - t
+            image256, _ = client.stage2(request2)
+            t_end = time.perf_counter()
+            row.update(stage1_s=t_mid - t_start, stage2_s=t_end - t_mid,
+                       end_to_end_s=t_end - t_start)
+            row["wire_bytes"] = (request1.ByteSize() + request2.ByteSize()
+                                 + image.numel() * 4 + image256.numel() * 4 + 2 * state.numel())
+            t = time.perf_counter()
+            codec.decode(codec.encode(image256))  # the result's decode, as the client does it
+            row["serialize_s"] += time.perf_counter() - t
+            if r:
+                rows.append(row)
+        info = client.describe()
+    result = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    result["encode_s"] = encode_s
+    result["peak_reserved_gib"] = {k: v.peak_memory_bytes / GiB for k, v in info.items()}
+    # Whole-process figures (CUDA context included), by service.
+    result["nvidia_smi_peak_gib"] = {pids.get(pid, str(pid)): mib / 1024
+                                     for pid, mib in sampler.peaks.items()}
+    return result
+
+
+def environment() -> dict[str, Any]:
+    import diffusers
+    import grpc
+    import transformers
+
+    props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    return {
+        "gpu": props.name if props else None,
+        "gpu_count": torch.cuda.device_count(),
+        "gpu_memory_gib": props.total_memory / GiB if props else None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "grpcio": grpc.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cascades", nargs="+", default=["M/M", "XL/L"], choices=CASCADES)
+    parser.add_argument("--views", nargs="+", type=int, default=[2, 4], choices=VIEW_SETS)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=10.0)
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--encoder-device", default="cuda:0")
+    parser.add_argument("--encoder-dtype", default="float16")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-services", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    dtype = getattr(torch, args.dtype)
+
+    report: dict[str, Any] = {"environment": environment(), "settings": vars(args) | {
+        "out": str(args.out)}, "results": []}
+    for cascade in args.cascades:
+        for n_views in args.views:
+            entry: dict[str, Any] = {"cascade": cascade, "views": n_views}
+            if not args.skip_baseline:
+                entry["baseline"] = run_baseline(cascade, n_views, args.steps, args.guidance,
+                                                 dtype, args.repeats)
+            if not args.skip_services:
+                entry["services"] = run_services(cascade, n_views, args.steps, args.guidance,
+                                                 args.dtype, args.repeats, args.encoder_device,
+                                                 args.encoder_dtype)
+            if "baseline" in entry and "services" in entry:
+                entry["ratio_end_to_end"] = (entry["services"]["end_to_end_s"]
+                                             / entry["baseline"]["end_to_end_s"])
+                entry["wire_overhead_fraction"] = (entry["services"]["serialize_s"]
+                                                   / entry["services"]["end_to_end_s"])
+            logger.info("%s", json.dumps(entry))
+            report["results"].append(entry)
+            if args.out:
+                args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
