@@ -1,0 +1,109 @@
+"""Time one UNet call (CFG batch 2V) per stage under several execution modes, to choose the fast
+path: eager, channels_last, CUDA-graph replay, torch.compile. Random weights, real configs.
+
+    python -m bench.unet_call --cascade M/M --views 2 --modes eager channels_last graph compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from bench.run import CASCADES, CONFIGS, environment
+from illusions.models import load_unet_stage
+
+
+def _time(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1000
+
+
+def _graph(fn, x: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Capture ``fn(static_input)`` as a CUDA graph; time its replay and compare its output."""
+    static_in = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_in)
+    ms = _time(graph.replay)
+    graph.replay()
+    torch.cuda.synchronize()
+    return ms, (static_out - reference).abs().max().item()
+
+
+def measure(stage_no: int, directory: str, views: int, modes: list[str]) -> dict[str, Any]:
+    stage = load_unet_stage(directory, stage_no, device="cuda", dtype=torch.float16,
+                            random_weights=True)
+    unet = stage.unet
+    size = stage.sample_size
+    channels = unet.config.in_channels
+    dim = int(unet.config.encoder_hid_dim or unet.config.cross_attention_dim)
+    x = torch.randn(2 * views, channels, size, size, device="cuda", dtype=torch.float16)
+    emb = torch.randn(2 * views, 77, dim, device="cuda", dtype=torch.float16)
+    t = torch.tensor(500, device="cuda")
+    labels = torch.full((2 * views,), 50, device="cuda") if stage_no == 2 else None
+
+    def call(model, inp):
+        return model(inp, t, encoder_hidden_states=emb, class_labels=labels, return_dict=False)[0]
+
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        reference = call(unet, x)
+        if "eager" in modes:
+            out["eager_ms"] = _time(lambda: call(unet, x))
+        if "graph" in modes:
+            out["graph_ms"], out["graph_max_diff"] = _graph(lambda inp: call(unet, inp), x,
+                                                            reference)
+        if "channels_last" in modes:
+            unet.to(memory_format=torch.channels_last)
+            xc = x.contiguous(memory_format=torch.channels_last)
+            out["channels_last_ms"] = _time(lambda: call(unet, xc))
+            out["channels_last_max_diff"] = (call(unet, xc) - reference).abs().max().item()
+            if "graph" in modes:
+                out["graph_channels_last_ms"], _ = _graph(lambda inp: call(unet, inp), xc,
+                                                          reference)
+            unet.to(memory_format=torch.contiguous_format)
+        if "compile" in modes:
+            compiled = torch.compile(unet)
+            t0 = time.perf_counter()
+            call(compiled, x)
+            out["compile_s"] = time.perf_counter() - t0
+            out["compile_ms"] = _time(lambda: call(compiled, x))
+            out["compile_max_diff"] = (call(compiled, x) - reference).abs().max().item()
+            out["compile_graph_ms"], _ = _graph(lambda inp: call(compiled, inp), x, reference)
+    out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cascade", default="M/M", choices=CASCADES)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["eager", "channels_last", "graph"])
+    args = parser.parse_args()
+    s1, s2 = (str(CONFIGS / name) for name in CASCADES[args.cascade])
+    report = {"environment": environment(), "cascade": args.cascade, "views": args.views,
+              "stage1": measure(1, s1, args.views, args.modes)}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    report["stage2"] = measure(2, s2, args.views, args.modes)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
