@@ -31,6 +31,7 @@ import torch
 from anagram.v1 import anagram_pb2 as pb
 from bench.baseline import reference_stage_1, reference_stage_2
 from illusions.models import load_unet_stage
+from illusions.sampling import SamplingParams, sample_stage_1, sample_stage_2
 from illusions.views import build_views
 from orchestrator.client import CascadeClient
 from orchestrator.local import LocalServices, LocalServiceSpec
@@ -96,53 +97,73 @@ def _embeds(views: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, tor
             torch.randn(1, 77, dim, generator=g).to(dtype))
 
 
-def run_baseline(cascade: str, n_views: int, steps: int, guidance: float, dtype: torch.dtype,
-                 repeats: int) -> dict[str, Any]:
-    """The reference-structured sampler in this process, both UNets on cuda:0."""
-    s1_dir, s2_dir = (str(CONFIGS / name) for name in CASCADES[cascade])
-    views = build_views(VIEW_SETS[n_views])
-    stage1 = load_unet_stage(s1_dir, 1, device="cuda", dtype=dtype, random_weights=True)
-    dim = int(stage1.unet.config.encoder_hid_dim or stage1.unet.config.cross_attention_dim)
-    prompt, negative = _embeds(n_views, dim, dtype)
-
-    torch.cuda.reset_peak_memory_stats()
-    base1 = torch.cuda.memory_allocated()
-    times1 = []
-    image = None
-    for r in range(repeats + 1):  # the first is warm-up
-        _sync()
-        t0 = time.perf_counter()
-        image = reference_stage_1(stage1, prompt, negative, views, torch.Generator().manual_seed(r),
-                                  steps, guidance)
-        _sync()
-        if r:
-            times1.append(time.perf_counter() - t0)
-    peak1 = torch.cuda.max_memory_allocated()
-    weights1 = base1
-    del stage1
-    torch.cuda.empty_cache()
-
-    stage2 = load_unet_stage(s2_dir, 2, device="cuda", dtype=dtype, random_weights=True)
-    torch.cuda.reset_peak_memory_stats()
-    base2 = torch.cuda.memory_allocated()
-    times2 = []
+def _timed(fn, repeats: int) -> tuple[float, Any]:
+    """Median wall time of ``fn(r)`` over ``repeats`` runs after one warm-up; last result."""
+    times, result = [], None
     for r in range(repeats + 1):
         _sync()
         t0 = time.perf_counter()
-        reference_stage_2(stage2, image, prompt, negative, views, torch.Generator().manual_seed(r),
-                          steps, guidance)
+        result = fn(r)
         _sync()
         if r:
-            times2.append(time.perf_counter() - t0)
-    peak2 = torch.cuda.max_memory_allocated()
-    del stage2
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def _stage_pair(number: int, directory: str, views: list, params: SamplingParams,
+                dtype: torch.dtype, repeats: int, image64: torch.Tensor | None
+                ) -> tuple[dict[str, Any], torch.Tensor]:
+    """One stage: the reference-structured sampler, then the library's with CUDA graphs."""
+    stage = load_unet_stage(directory, number, device="cuda", dtype=dtype, random_weights=True)
+    dim = int(stage.unet.config.encoder_hid_dim or stage.unet.config.cross_attention_dim)
+    prompt, negative = _embeds(len(views), dim, dtype)
+    steps, guidance = params.num_inference_steps, params.guidance_scale
+
+    def baseline(r: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(r)
+        if number == 1:
+            return reference_stage_1(stage, prompt, negative, views, generator, steps, guidance)
+        return reference_stage_2(stage, image64, prompt, negative, views, generator, steps,
+                                 guidance)
+
+    def fast(r: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(r)
+        if number == 1:
+            return sample_stage_1(stage, prompt, negative, views, generator, params)
+        return sample_stage_2(stage, image64, prompt, negative, views, generator, params)
+
     torch.cuda.empty_cache()
-    s1, s2 = statistics.median(times1), statistics.median(times2)
-    return {
-        "stage1_s": s1, "stage2_s": s2, "end_to_end_s": s1 + s2,
-        "stage1_peak_allocated_gib": peak1 / GiB, "stage1_weights_gib": weights1 / GiB,
-        "stage2_peak_allocated_gib": peak2 / GiB, "stage2_weights_gib": base2 / GiB,
+    torch.cuda.reset_peak_memory_stats()
+    weights = torch.cuda.memory_allocated()
+    base_s, base_img = _timed(baseline, repeats)
+    peak = torch.cuda.max_memory_allocated()
+    stage.enable_cuda_graphs()
+    fast_s, fast_img = _timed(fast, repeats)
+    result = {
+        f"stage{number}_s": base_s,
+        f"stage{number}_peak_allocated_gib": peak / GiB,
+        f"stage{number}_weights_gib": weights / GiB,
+        f"fast_stage{number}_s": fast_s,
+        f"fast_stage{number}_max_abs_diff": (fast_img.float() - base_img.float()).abs().max().item(),
     }
+    return result, base_img
+
+
+def run_baseline(cascade: str, n_views: int, steps: int, guidance: float, dtype: torch.dtype,
+                 repeats: int) -> dict[str, Any]:
+    """In this process, one stage at a time on cuda:0: the reference-structured sampler, then
+    the library's sampler with CUDA graphs (the services' fast path without the wire), and the
+    image difference between the two (same seeds; stage 2 gets the same 64px image)."""
+    s1_dir, s2_dir = (str(CONFIGS / name) for name in CASCADES[cascade])
+    views = build_views(VIEW_SETS[n_views])
+    params = SamplingParams(steps, guidance)
+    first, image64 = _stage_pair(1, s1_dir, views, params, dtype, repeats, None)
+    torch.cuda.empty_cache()
+    second, _ = _stage_pair(2, s2_dir, views, params, dtype, repeats, image64)
+    out = first | second
+    out["end_to_end_s"] = out["stage1_s"] + out["stage2_s"]
+    out["fast_end_to_end_s"] = out["fast_stage1_s"] + out["fast_stage2_s"]
+    return out
 
 
 def run_services(cascade: str, n_views: int, steps: int, guidance: float, dtype: str,

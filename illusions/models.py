@@ -237,10 +237,28 @@ class UNetStage:
     device: torch.device
     dtype: torch.dtype
     source: str
+    graphed: Any | None = None  # illusions.fast.GraphedUNet once CUDA graphs are enabled
 
     @property
     def sample_size(self) -> int:
         return int(self.unet.config.sample_size)
+
+    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """One UNet call: (B, C, H, W) -> (B, 6, H, W), replayed from a CUDA graph if enabled."""
+        if self.graphed is not None:
+            return self.graphed(sample, timestep, embeds, class_labels)
+        return self.unet(sample, timestep, encoder_hidden_states=embeds,
+                         class_labels=class_labels, return_dict=False)[0]
+
+    def enable_cuda_graphs(self) -> bool:
+        """Replay UNet calls from CUDA graphs (bit-identical, far fewer launches). CUDA only."""
+        if self.device.type != "cuda":
+            return False
+        from illusions.fast import GraphedUNet
+
+        self.graphed = GraphedUNet(self.unet)
+        return True
 
 
 def _load_scheduler(source: str, subfolder: str, random_weights: bool) -> Any:

@@ -232,13 +232,7 @@ def _denoise(
         model_input = scheduler.scale_model_input(torch.cat([viewed, viewed]), t)
 
         # 3. One UNet call for all views, negative and positive prompts.
-        out = stage.unet(
-            model_input,
-            t,
-            encoder_hidden_states=embeds,
-            class_labels=class_labels,
-            return_dict=False,
-        )[0]  # (2V, 6, H, W)
+        out = stage.predict(model_input, t, embeds, class_labels)  # (2V, 6, H, W)
 
         # 4. Map each estimate back through its view's inverse, then guide.
         out = invert_views(views, out.unflatten(0, (2, len(views))))  # (2, V, 6, H, W)

@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES)
     srv.add_argument("--random-weights", action="store_true",
                      help="--model is a config directory: build the model with random weights")
+    srv.add_argument("--no-cuda-graphs", action="store_true",
+                     help="run UNet calls eagerly instead of replaying CUDA graphs (GPU only)")
     srv.add_argument("--max-queue", type=int, default=8,
                      help="calls that may wait; more are refused with RESOURCE_EXHAUSTED")
     srv.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -172,6 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=_resolve_dtype(args.dtype, device),
         quantize=args.quantize,
         random_weights=args.random_weights,
+        cuda_graphs=not args.no_cuda_graphs,
         max_queue=args.max_queue,
         parent_pid=args.parent_pid,
     )
