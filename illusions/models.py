@@ -306,9 +306,17 @@ def load_unet_stage(
             raise ModelLoadError("--quantize needs real weights; it cannot be combined with "
                                  "--random-weights")
     else:
+        kwargs: dict[str, Any] = {}
+        if quant is not None:
+            if device.type != "cuda":
+                raise ModelLoadError(
+                    f"--quantize {quantize} for the stage-{stage} UNet needs a CUDA GPU (diffusers "
+                    "quantizes UNets with bitsandbytes on the GPU only): use --device cuda, or "
+                    "--quantize none on this machine"
+                )
+            kwargs = {"quantization_config": quant, "device_map": {"": str(device)}}
         unet = _from_pretrained(
-            UNet2DConditionModel, source, "unet", dtype, f"stage-{stage} UNet",
-            **({"quantization_config": quant} if quant is not None else {}),
+            UNet2DConditionModel, source, "unet", dtype, f"stage-{stage} UNet", **kwargs
         )
     unet = _place(unet, device, quant is not None)
 

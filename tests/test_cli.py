@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -253,3 +254,30 @@ def test_sigterm_drains_in_flight_call_then_exits():
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Sample(request, timeout=5))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_ctrl_c_in_local_mode_stops_the_services_and_keeps_no_partial_sample(tmp_path):
+    import psutil
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "generate", "--prompts", "a", "b",
+         "--views", "identity", "flip", "--num-inference-steps", "400", "--guidance-scale", "3",
+         *TINY, "--save-dir", str(tmp_path), "--name", "c"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metadata = tmp_path / "c" / "metadata.json"
+    deadline = time.monotonic() + 300
+    while not metadata.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metadata.exists(), run.stderr.read() if run.poll() is not None else "no metadata"
+    children = psutil.Process(run.pid).children(recursive=True)
+    assert len(children) == 3, [c.cmdline() for c in children]  # the three local services
+    time.sleep(1.0)  # now sampling
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "interrupted" in _one_error_line(subprocess.CompletedProcess([], 130, out, err))
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [c.cmdline() for c in alive]
+    assert not (tmp_path / "c" / "0000").exists()
+    assert not list((tmp_path / "c").glob(".*partial"))

@@ -94,3 +94,9 @@ def test_bad_dtype_and_device_names():
         models.parse_dtype("float8")
     with pytest.raises(ValueError, match="cpu"):
         models.parse_device("tpu")
+
+
+def test_unet_quantization_on_cpu_says_it_needs_a_gpu():
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
+        load_unet_stage(str(STAGE1_DIR), 1, device="cpu", quantize="8bit")
