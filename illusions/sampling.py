@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
+from illusions import scheduling
 from illusions.models import UNetStage
 from illusions.views import View
 
@@ -208,11 +210,30 @@ def _denoise(
     callback: ProgressCallback | None,
     should_stop: StopCheck | None,
 ) -> torch.Tensor:
-    # A private scheduler: set_timesteps mutates it, and a service may run calls concurrently.
+    # A private scheduler (set_timesteps mutates it; a service may run calls concurrently), with
+    # its timesteps on the CPU so that its scalar bookkeeping never waits for the GPU.
     scheduler = copy.deepcopy(stage.scheduler)
-    scheduler.set_timesteps(params.num_inference_steps, device=stage.device)
+    scheduler.set_timesteps(params.num_inference_steps, device="cpu")
     timesteps = scheduler.timesteps
+    unet_timesteps = timesteps.to(stage.device)  # one copy; the UNet reads them on its device
     channels = noisy.shape[1]
+    on_gpu = stage.device.type == "cuda"
+
+    # All the loop's noise, drawn now in the loop's order (same numbers, same generator state
+    # after the loop) and copied step by step without blocking. Configurations our step does not
+    # cover fall back to diffusers' step, which draws as it goes.
+    plan = None
+    if scheduling.supports(scheduler):
+        plan = scheduling.NoisePlan.draw(
+            generator, timesteps, tuple(noisy.shape), noisy.dtype,
+            reference_shape=None if ref is None else tuple(ref.shape),
+            reference_dtype=None if ref is None else ref.dtype, pin=on_gpu,
+        )
+    pending: deque[tuple[int, torch.cuda.Event]] = deque()
+
+    def report(done: int) -> None:
+        if callback is not None:
+            callback(done, len(timesteps))
 
     for i, t in enumerate(timesteps):
         if should_stop is not None and should_stop():
@@ -220,9 +241,12 @@ def _denoise(
 
         # 1. Inverse problems: the first component comes from the noised reference image.
         if ref is not None:
-            alpha = scheduler.alphas_cumprod[t].to(ref.device, ref.dtype)
-            ref_noise = randn_tensor(ref.shape, generator=generator, device=ref.device,
-                                     dtype=ref.dtype)
+            alpha = scheduler.alphas_cumprod[t]  # CPU scalar
+            if plan is not None:
+                ref_noise = plan.take(plan.reference[i], ref.device)
+            else:
+                ref_noise = randn_tensor(ref.shape, generator=generator, device=ref.device,
+                                         dtype=ref.dtype)
             ref_noisy = alpha.sqrt() * ref + (1 - alpha).sqrt() * ref_noise
             noisy = (views[0].inverse_view(ref_noisy) + views[1].inverse_view(noisy[0]))[None]
 
@@ -232,7 +256,7 @@ def _denoise(
         model_input = scheduler.scale_model_input(torch.cat([viewed, viewed]), t)
 
         # 3. One UNet call for all views, negative and positive prompts.
-        out = stage.predict(model_input, t, embeds, class_labels)  # (2V, 6, H, W)
+        out = stage.predict(model_input, unet_timesteps[i], embeds, class_labels)  # (2V, 6, H, W)
 
         # 4. Map each estimate back through its view's inverse, then guide.
         out = invert_views(views, out.unflatten(0, (2, len(views))))  # (2, V, 6, H, W)
@@ -242,10 +266,28 @@ def _denoise(
 
         # 5. Combine the views and take one DDPM step (learned-range variance).
         model_output = reduce_views(eps[None], variance[None], params.reduction, i)
-        noisy = scheduler.step(model_output, t, noisy, generator=generator, return_dict=False)[0]
+        if plan is not None:
+            noise = plan.take(plan.variance[i], noisy.device)
+            noisy = scheduling.ddpm_step(scheduler, model_output, t, noisy, noise)
+        else:
+            noisy = scheduler.step(model_output, t, noisy, generator=generator,
+                                   return_dict=False)[0]
 
-        if callback is not None:
-            callback(i + 1, len(timesteps))
+        # 6. Progress. On a GPU the host runs at most one step ahead of the device: a step is
+        # reported when it has finished, and a stop request takes effect within one step.
+        if on_gpu:
+            event = torch.cuda.Event()
+            event.record()
+            pending.append((i + 1, event))
+            while len(pending) > 1:
+                done, finished = pending.popleft()
+                finished.synchronize()
+                report(done)
+        else:
+            report(i + 1)
+    for done, finished in pending:
+        finished.synchronize()
+        report(done)
     return noisy
 
 
