@@ -238,6 +238,7 @@ class UNetStage:
     dtype: torch.dtype
     source: str
     graphed: Any | None = None  # illusions.fast.GraphedUNet once CUDA graphs are enabled
+    max_batch: int = 0  # most rows per UNet call (0: all 2 x views rows at once)
 
     @property
     def sample_size(self) -> int:
@@ -245,11 +246,22 @@ class UNetStage:
 
     def predict(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """One UNet call: (B, C, H, W) -> (B, 6, H, W), replayed from a CUDA graph if enabled."""
-        if self.graphed is not None:
-            return self.graphed(sample, timestep, embeds, class_labels)
-        return self.unet(sample, timestep, encoder_hidden_states=embeds,
-                         class_labels=class_labels, return_dict=False)[0]
+        """UNet output (B, 6, H, W) for (B, C, H, W) rows, replayed from a CUDA graph if enabled.
+
+        With ``max_batch`` set, the rows go through the UNet in chunks of at most that many, which
+        bounds activation memory (the results differ from one big batch only by float rounding).
+        """
+        step = self.max_batch or sample.shape[0]
+        outputs = []
+        for start in range(0, sample.shape[0], step):
+            rows = slice(start, start + step)
+            labels = None if class_labels is None else class_labels[rows]
+            if self.graphed is not None:
+                outputs.append(self.graphed(sample[rows], timestep, embeds[rows], labels))
+            else:
+                outputs.append(self.unet(sample[rows], timestep, encoder_hidden_states=embeds[rows],
+                                         class_labels=labels, return_dict=False)[0])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def enable_cuda_graphs(self) -> bool:
         """Replay UNet calls from CUDA graphs (bit-identical, far fewer launches). CUDA only."""

@@ -66,6 +66,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="load T5 in 8 or 4 bits (bitsandbytes)")
     parser.add_argument("--random-weights", action="store_true",
                         help="models are config directories: random weights (benchmarks)")
+    parser.add_argument("--max-batch", type=int, default=0, metavar="N",
+                        help="most rows per UNet call in the local services (2 per view); "
+                             "smaller bounds GPU memory. 0: all at once")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--model is a config directory: build the model with random weights")
     srv.add_argument("--no-cuda-graphs", action="store_true",
                      help="run UNet calls eagerly instead of replaying CUDA graphs (GPU only)")
+    srv.add_argument("--max-batch", type=int, default=0, metavar="N",
+                     help="most rows per UNet call (2 per view); smaller bounds GPU memory. "
+                          "0: all at once")
     srv.add_argument("--max-queue", type=int, default=8,
                      help="calls that may wait; more are refused with RESOURCE_EXHAUSTED")
     srv.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -175,6 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         random_weights=args.random_weights,
         cuda_graphs=not args.no_cuda_graphs,
+        max_batch=args.max_batch,
         max_queue=args.max_queue,
         parent_pid=args.parent_pid,
     )
@@ -233,9 +240,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              _resolve_dtype(args.encoder_dtype, args.encoder_device),
                              args.encoder_quantize, args.random_weights),
             LocalServiceSpec("stage1", args.stage1_model, device, dtype, args.quantize,
-                             args.random_weights),
+                             args.random_weights, args.max_batch),
             LocalServiceSpec("stage2", args.stage2_model, device, dtype, args.quantize,
-                             args.random_weights),
+                             args.random_weights, args.max_batch),
         ]
         logger.info("local mode: starting the encoder, stage-1 and stage-2 services")
         with LocalServices(specs) as addresses, CascadeClient(

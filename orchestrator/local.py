@@ -37,6 +37,7 @@ class LocalServiceSpec:
     dtype: str = "float32"
     quantize: str = "none"
     random_weights: bool = False
+    max_batch: int = 0  # UNet services only
 
     def command(self) -> list[str]:
         cmd = [
@@ -45,6 +46,8 @@ class LocalServiceSpec:
             "--device", self.device, "--dtype", self.dtype, "--quantize", self.quantize,
             "--parent-pid", str(os.getpid()),
         ]
+        if self.kind != "encoder" and self.max_batch:
+            cmd += ["--max-batch", str(self.max_batch)]
         return cmd + (["--random-weights"] if self.random_weights else [])
 
 

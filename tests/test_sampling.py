@@ -155,3 +155,26 @@ def test_stage2_rejects_bad_image(stage2, embeds):
 def test_bad_rng_state():
     with pytest.raises(InvalidInputError, match="rng_state"):
         generator_from_state(torch.zeros(7, dtype=torch.uint8))
+
+
+def test_views_in_chunks_agree_with_one_batch(stage1, text_encoder):
+    """max_batch bounds the rows per UNet call; only float rounding may change."""
+    embeds = text_encoder.encode(["a", "b", "c"])
+    views = build_views(["identity", "rotate_cw", "rotate_180"])
+    calls = []
+    original = stage1.unet.forward
+
+    def counting(sample, *args, **kwargs):
+        calls.append(sample.shape[0])
+        return original(sample, *args, **kwargs)
+
+    whole = sample_stage_1(stage1, *embeds, views, new_generator(2), FAST)
+    try:
+        stage1.max_batch = 4
+        stage1.unet.forward = counting
+        chunked = sample_stage_1(stage1, *embeds, views, new_generator(2), FAST)
+    finally:
+        stage1.max_batch = 0
+        del stage1.unet.forward
+    assert calls == [4, 2] * FAST.num_inference_steps  # 6 rows: chunks of 4 and 2
+    assert (whole - chunked).abs().max() <= 1e-4

@@ -86,6 +86,7 @@ def load_stage(config: ServerConfig, stage_number: int) -> UNetStage:
         config.model, stage_number, device=config.device, dtype=config.dtype,
         quantize=config.quantize, random_weights=config.random_weights,
     )
+    stage.max_batch = config.max_batch
     if config.cuda_graphs and stage.enable_cuda_graphs():
         logger.info("stage %d replays its UNet calls from CUDA graphs", stage_number)
     dim = int(stage.unet.config.encoder_hid_dim or stage.unet.config.cross_attention_dim)
