@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -102,6 +103,15 @@ class Admission:
 
     def release(self) -> None:
         self._slots.release()
+
+    @contextmanager
+    def slot(self, is_active: Callable[[], bool]) -> Iterator[None]:
+        """``with admission.slot(context.is_active): ...`` runs the body in an admitted slot."""
+        self.acquire(is_active)
+        try:
+            yield
+        finally:
+            self.release()
 
 
 T = TypeVar("T")

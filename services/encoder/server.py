@@ -39,11 +39,8 @@ class EncoderServicer(pb_grpc.EncoderServicer):
                     f"prompts[{i}] has {len(prompt)} characters: keep prompts under "
                     f"{MAX_PROMPT_CHARS} (only the first 77 tokens count)"
                 )
-        self.admission.acquire(context.is_active)
-        try:
+        with self.admission.slot(context.is_active):
             prompt_embeds, negative = encoder.encode(prompts)
-        finally:
-            self.admission.release()
         return pb.EncodeResponse(prompt_embeds=codec.encode(prompt_embeds),
                                  negative_prompt_embeds=codec.encode(negative))
 

@@ -55,11 +55,8 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
             return pb.SampleResult(image=codec.encode(out.float()),
                                    rng_state=codec.encode(generator.get_state()))
 
-        self.admission.acquire(context.is_active)
-        try:
+        with self.admission.slot(context.is_active):
             yield from stream_with_progress(work, context)
-        finally:
-            self.admission.release()
 
     @rpc_errors
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext  # noqa: N802
