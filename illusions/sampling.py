@@ -219,16 +219,11 @@ def _denoise(
     channels = noisy.shape[1]
     on_gpu = stage.device.type == "cuda"
 
-    # All the loop's noise, drawn now in the loop's order (same numbers, same generator state
-    # after the loop) and copied step by step without blocking. Configurations our step does not
-    # cover fall back to diffusers' step, which draws as it goes.
-    plan = None
-    if scheduling.supports(scheduler):
-        plan = scheduling.NoisePlan.draw(
-            generator, timesteps, tuple(noisy.shape), noisy.dtype,
-            reference_shape=None if ref is None else tuple(ref.shape),
-            reference_dtype=None if ref is None else ref.dtype, pin=on_gpu,
-        )
+    # Our DDPM step takes its noise as an argument: the loop draws it in diffusers' order, after
+    # queueing the UNet call, and sends it to the device without blocking. Configurations our step
+    # does not cover fall back to diffusers' step, which draws (and blocks) inside.
+    noise = scheduling.NoiseStream(generator, stage.device) if scheduling.supports(
+        scheduler) else None
     pending: deque[tuple[int, torch.cuda.Event]] = deque()
 
     def report(done: int) -> None:
@@ -242,8 +237,8 @@ def _denoise(
         # 1. Inverse problems: the first component comes from the noised reference image.
         if ref is not None:
             alpha = scheduler.alphas_cumprod[t]  # CPU scalar
-            if plan is not None:
-                ref_noise = plan.take(plan.reference[i], ref.device)
+            if noise is not None:
+                ref_noise = noise.draw(tuple(ref.shape), ref.dtype)
             else:
                 ref_noise = randn_tensor(ref.shape, generator=generator, device=ref.device,
                                          dtype=ref.dtype)
@@ -266,9 +261,9 @@ def _denoise(
 
         # 5. Combine the views and take one DDPM step (learned-range variance).
         model_output = reduce_views(eps[None], variance[None], params.reduction, i)
-        if plan is not None:
-            noise = plan.take(plan.variance[i], noisy.device)
-            noisy = scheduling.ddpm_step(scheduler, model_output, t, noisy, noise)
+        if noise is not None:
+            variance_noise = noise.draw(tuple(noisy.shape), noisy.dtype) if t > 0 else None
+            noisy = scheduling.ddpm_step(scheduler, model_output, t, noisy, variance_noise)
         else:
             noisy = scheduler.step(model_output, t, noisy, generator=generator,
                                    return_dict=False)[0]

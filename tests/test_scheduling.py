@@ -1,5 +1,5 @@
 """Our DDPM step with the noise passed in equals diffusers' DDPMScheduler.step bit for bit, and the
-up-front noise plan draws the same numbers, leaving the generator in the same state."""
+noise stream draws the same numbers, leaving the generator in the same state."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from illusions import scheduling
 
 @pytest.mark.parametrize("directory", [STAGE1_DIR, STAGE2_DIR], ids=["stage1", "stage2"])
 @pytest.mark.parametrize("steps", [1, 6, 30])
-def test_step_and_plan_match_diffusers(directory, steps):
+def test_step_and_noise_stream_match_diffusers(directory, steps):
     ours = DDPMScheduler.from_pretrained(str(directory), subfolder="scheduler")
     theirs = copy.deepcopy(ours)
     assert scheduling.supports(ours)
@@ -23,29 +23,17 @@ def test_step_and_plan_match_diffusers(directory, steps):
     theirs.set_timesteps(steps, device="cpu")
     size = 16
     g_ours, g_theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    plan = scheduling.NoisePlan.draw(g_ours, ours.timesteps, (1, 3, size, size), torch.float32)
+    noise = scheduling.NoiseStream(g_ours, torch.device("cpu"))
     data = torch.Generator().manual_seed(1)
     x_ours = x_theirs = torch.randn(1, 3, size, size, generator=data)
     for i, t in enumerate(ours.timesteps):
         model_output = torch.randn(1, 6, size, size, generator=data) * 2
-        x_ours = scheduling.ddpm_step(ours, model_output, t, x_ours, plan.variance[i])
+        variance_noise = noise.draw((1, 3, size, size), torch.float32) if t > 0 else None
+        x_ours = scheduling.ddpm_step(ours, model_output, t, x_ours, variance_noise)
         x_theirs = theirs.step(model_output, t, x_theirs, generator=g_theirs,
                                return_dict=False)[0]
         assert torch.equal(x_ours, x_theirs), f"step {i} (t={int(t)}) differs"
-    assert plan.variance[-1] is None  # t == 0 draws no noise
     assert torch.equal(g_ours.get_state(), g_theirs.get_state())
-
-
-def test_plan_interleaves_reference_noise_like_the_loop():
-    timesteps = torch.tensor([20, 10, 0])
-    g_plan, g_loop = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    plan = scheduling.NoisePlan.draw(g_plan, timesteps, (1, 3, 4, 4), torch.float32,
-                                     reference_shape=(3, 4, 4), reference_dtype=torch.float32)
-    for i, t in enumerate(timesteps):
-        assert torch.equal(plan.reference[i], torch.randn(3, 4, 4, generator=g_loop))
-        if t > 0:
-            assert torch.equal(plan.variance[i], torch.randn(1, 3, 4, 4, generator=g_loop))
-    assert torch.equal(g_plan.get_state(), g_loop.get_state())
 
 
 def test_unsupported_configuration_is_detected():

@@ -1,0 +1,84 @@
+"""Where a fast-path denoising loop spends its time: wall time of the set-up pieces and a
+torch.profiler table of one stage's loop (random weights, real configs, CUDA graphs on).
+
+    python -m bench.profile_stage --cascade M/M --stage 2 --views 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.run import CASCADES, CONFIGS, VIEW_SETS, _embeds
+from illusions import scheduling
+from illusions.models import load_unet_stage
+from illusions.sampling import SamplingParams, sample_stage_1, sample_stage_2
+from illusions.views import build_views
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cascade", default="M/M", choices=CASCADES)
+    parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    directory = str(CONFIGS / CASCADES[args.cascade][args.stage - 1])
+    stage = load_unet_stage(directory, args.stage, device="cuda", dtype=torch.float16,
+                            random_weights=True)
+    stage.enable_cuda_graphs()
+    views = build_views(VIEW_SETS[args.views])
+    dim = int(stage.unet.config.encoder_hid_dim or stage.unet.config.cross_attention_dim)
+    prompt, negative = _embeds(args.views, dim, torch.float16)
+    params = SamplingParams(args.steps, 10.0)
+    image = torch.zeros(1, 3, 64, 64)
+
+    def run() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        if args.stage == 1:
+            return sample_stage_1(stage, prompt, negative, views, generator, params)
+        return sample_stage_2(stage, image, prompt, negative, views, generator, params)
+
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    print(f"one loop: {(time.perf_counter() - t0) * 1000:.1f} ms")
+
+    size = stage.sample_size
+    stream = scheduling.NoiseStream(torch.Generator().manual_seed(0), stage.device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        stream.draw((1, 3, size, size), torch.float16)
+    torch.cuda.synchronize()
+    print(f"{args.steps} noise draws: {(time.perf_counter() - t0) * 1000:.1f} ms")
+
+    x = torch.randn(2 * args.views, stage.unet.config.in_channels, size, size, device="cuda",
+                    dtype=torch.float16)
+    emb = torch.cat([negative.expand_as(prompt), prompt]).cuda()
+    labels = torch.full((2 * args.views,), 50, device="cuda") if args.stage == 2 else None
+    t = torch.tensor(500, device="cuda")
+    for _ in range(3):
+        stage.predict(x, t, emb, labels)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        stage.predict(x, t, emb, labels)
+    torch.cuda.synchronize()
+    print(f"{args.steps} replayed UNet calls back to back: "
+          f"{(time.perf_counter() - t0) * 1000:.1f} ms")
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
