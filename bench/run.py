@@ -168,18 +168,19 @@ def run_baseline(cascade: str, n_views: int, steps: int, guidance: float, dtype:
 
 def run_services(cascade: str, n_views: int, steps: int, guidance: float, dtype: str,
                  repeats: int, encoder_device: str, encoder_dtype: str,
-                 max_batch: int = 0) -> dict[str, Any]:
+                 max_batch: int = 0, quantize: str = "none",
+                 encoder_quantize: str = "none") -> dict[str, Any]:
     """The same work through the three real services (local mode) on this machine's GPU(s)."""
     s1_dir, s2_dir = (str(CONFIGS / name) for name in CASCADES[cascade])
     gpus = torch.cuda.device_count()
     stage2_device = "cuda:1" if gpus > 1 else "cuda:0"
     specs = [
         LocalServiceSpec("encoder", str(ENCODER), encoder_device, encoder_dtype,
-                         random_weights=True),
-        LocalServiceSpec("stage1", s1_dir, "cuda:0", dtype, random_weights=True,
-                         max_batch=max_batch),
-        LocalServiceSpec("stage2", s2_dir, stage2_device, dtype, random_weights=True,
-                         max_batch=max_batch),
+                         quantize=encoder_quantize, random_weights=True),
+        LocalServiceSpec("stage1", s1_dir, "cuda:0", dtype, quantize=quantize,
+                         random_weights=True, max_batch=max_batch),
+        LocalServiceSpec("stage2", s2_dir, stage2_device, dtype, quantize=quantize,
+                         random_weights=True, max_batch=max_batch),
     ]
     prompts = [f"prompt number {k}" for k in range(n_views)]
     specs_pb = [pb.ViewSpec(name=name) for name in VIEW_SETS[n_views]]
@@ -260,6 +261,9 @@ def main() -> None:
     parser.add_argument("--encoder-dtype", default="float16")
     parser.add_argument("--max-batch", type=int, default=0,
                         help="services: most rows per UNet call (0: all)")
+    parser.add_argument("--quantize", default="none", choices=("none", "8bit", "4bit"),
+                        help="services: UNet weights in 8 or 4 bits (bitsandbytes)")
+    parser.add_argument("--encoder-quantize", default="none", choices=("none", "8bit", "4bit"))
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-services", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
@@ -278,7 +282,8 @@ def main() -> None:
             if not args.skip_services:
                 entry["services"] = run_services(cascade, n_views, args.steps, args.guidance,
                                                  args.dtype, args.repeats, args.encoder_device,
-                                                 args.encoder_dtype, args.max_batch)
+                                                 args.encoder_dtype, args.max_batch,
+                                                 args.quantize, args.encoder_quantize)
             if "baseline" in entry and "services" in entry:
                 entry["ratio_end_to_end"] = (entry["services"]["end_to_end_s"]
                                              / entry["baseline"]["end_to_end_s"])

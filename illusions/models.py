@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -202,6 +203,16 @@ def _bnb_config(library: Literal["diffusers", "transformers"], quantize: str,
     )
 
 
+def _requantized(model: Any, cls: Any, dtype: torch.dtype, **kwargs: Any) -> Any:
+    """Random weights in 8/4 bits: bitsandbytes quantizes while loading, so save and reload."""
+    with tempfile.TemporaryDirectory(prefix="illusion-random-") as tmp:
+        model.save_pretrained(tmp)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return cls.from_pretrained(tmp, torch_dtype=dtype, **kwargs)
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Build random-weight models directly in the target dtype (no fp32 copy of a 4B model)."""
@@ -306,6 +317,15 @@ def load_unet_stage(
     device = torch.device(device)
     dtype = parse_dtype(dtype)
     quant = _bnb_config("diffusers", quantize, dtype)
+    kwargs: dict[str, Any] = {}
+    if quant is not None:
+        if device.type != "cuda":
+            raise ModelLoadError(
+                f"--quantize {quantize} for the stage-{stage} UNet needs a CUDA GPU (diffusers "
+                "quantizes UNets with bitsandbytes on the GPU only): use --device cuda, or "
+                "--quantize none on this machine"
+            )
+        kwargs = {"quantization_config": quant, "device_map": {"": str(device)}}
     if random_weights:
         if not (Path(source) / "unet" / "config.json").is_file():
             raise ModelLoadError(
@@ -315,18 +335,8 @@ def load_unet_stage(
         with torch.device(device), _default_dtype(dtype):
             unet = UNet2DConditionModel.from_config(config)
         if quant is not None:
-            raise ModelLoadError("--quantize needs real weights; it cannot be combined with "
-                                 "--random-weights")
+            unet = _requantized(unet, UNet2DConditionModel, dtype, **kwargs)
     else:
-        kwargs: dict[str, Any] = {}
-        if quant is not None:
-            if device.type != "cuda":
-                raise ModelLoadError(
-                    f"--quantize {quantize} for the stage-{stage} UNet needs a CUDA GPU (diffusers "
-                    "quantizes UNets with bitsandbytes on the GPU only): use --device cuda, or "
-                    "--quantize none on this machine"
-                )
-            kwargs = {"quantization_config": quant, "device_map": {"": str(device)}}
         unet = _from_pretrained(
             UNet2DConditionModel, source, "unet", dtype, f"stage-{stage} UNet", **kwargs
         )
@@ -373,13 +383,12 @@ def load_text_encoder_parts(
             raise ModelLoadError(
                 f"--random-weights needs a directory with text_encoder/config.json; {source} has none"
             )
-        if quant is not None:
-            raise ModelLoadError("--quantize needs real weights; it cannot be combined with "
-                                 "--random-weights")
         config = T5Config.from_pretrained(str(config_dir))
-        # Built on the meta device first so that the shared embedding is tied, then materialised.
         with torch.device(device), _default_dtype(dtype):
             encoder = T5EncoderModel(config)
+        if quant is not None:
+            encoder = _requantized(encoder, T5EncoderModel, dtype, quantization_config=quant,
+                                   device_map={"": str(device)})
         if (Path(source) / "tokenizer").is_dir():
             tokenizer = AutoTokenizer.from_pretrained(str(Path(source) / "tokenizer"))
     else:

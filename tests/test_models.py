@@ -100,3 +100,14 @@ def test_unet_quantization_on_cpu_says_it_needs_a_gpu():
     pytest.importorskip("bitsandbytes")
     with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
         load_unet_stage(str(STAGE1_DIR), 1, device="cpu", quantize="8bit")
+
+
+def test_random_weights_can_be_quantized():
+    """Benchmarks at real sizes in 8 bits: random weights are saved and reloaded through
+    bitsandbytes (the UNet path needs a GPU; T5 runs on the CPU)."""
+    pytest.importorskip("bitsandbytes")
+    encoder = TextEncoder.from_pretrained(str(STAGE1_DIR), random_weights=True, quantize="8bit")
+    layer = encoder.model.encoder.block[0].layer[0].SelfAttention.q
+    assert type(layer).__name__ == "Linear8bitLt"
+    prompt_embeds, negative = encoder.encode(["a duck"])
+    assert prompt_embeds.shape == (1, 77, 32) and torch.isfinite(prompt_embeds).all()
