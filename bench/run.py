@@ -185,9 +185,10 @@ def run_services(cascade: str, n_views: int, steps: int, guidance: float, dtype:
     prompts = [f"prompt number {k}" for k in range(n_views)]
     specs_pb = [pb.ViewSpec(name=name) for name in VIEW_SETS[n_views]]
     local = LocalServices(specs)
-    with GpuMemorySampler() as sampler, local as addresses, CascadeClient(
+    sampler = GpuMemorySampler()  # from SERVING on: loading may peak higher than serving
+    with local as addresses, CascadeClient(
         addresses["encoder"], addresses["stage1"], addresses["stage2"], timeout=600
-    ) as client:
+    ) as client, sampler:
         pids = {child.process.pid: child.spec.kind for child in local.children}
         client.check()
         t0 = time.perf_counter()

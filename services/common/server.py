@@ -129,7 +129,7 @@ class ModelHandle(Generic[T]):
         self._model, self.info = model, info
 
     def describe(self) -> pb.ModelInfo:
-        """The model's info, with the accelerator memory peak so far."""
+        """The model's info, with the accelerator memory peak since the service became ready."""
         info = pb.ModelInfo()
         info.CopyFrom(self.info)
         if info.device.startswith("cuda"):
@@ -242,6 +242,11 @@ def serve(
     if stop.is_set():  # asked to stop while loading
         server.stop(0)
         return
+    if torch.cuda.is_available():
+        # Loading (random weights are built, then quantized) may peak above what serving needs:
+        # the reported peak starts here.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     for service in ("", name):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     line = f"serving {config.service} on {address}"
