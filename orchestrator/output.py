@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -77,7 +76,3 @@ def write_sample(run_dir: Path, seed: int, views: Sequence[View],
         raise
     return final
 
-
-def load_png(path: Path) -> np.ndarray:
-    with Image.open(path) as picture:
-        return np.asarray(picture.convert("RGB"))
