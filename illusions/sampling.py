@@ -286,6 +286,13 @@ def _denoise(
     return noisy
 
 
+def _initial_noise(stage: UNetStage, channels: int, generator: torch.Generator) -> torch.Tensor:
+    """x_T: (1, channels, S, S) drawn on the CPU generator, scaled for the scheduler."""
+    size = stage.sample_size
+    return randn_tensor((1, channels, size, size), generator=generator, device=stage.device,
+                        dtype=stage.dtype) * stage.scheduler.init_noise_sigma
+
+
 @torch.no_grad()
 def sample_stage_1(
     stage: UNetStage,
@@ -315,9 +322,7 @@ def sample_stage_1(
     _check_embeds(stage, prompt_embeds, negative_prompt_embeds, views)
     embeds = _cfg_embeds(stage, prompt_embeds, negative_prompt_embeds)
     size = stage.sample_size
-    channels = stage.unet.config.in_channels
-    noisy = randn_tensor((1, channels, size, size), generator=generator, device=stage.device,
-                         dtype=stage.dtype) * stage.scheduler.init_noise_sigma
+    noisy = _initial_noise(stage, stage.unet.config.in_channels, generator)
     ref = _prepare_reference(ref_image, views, size, noisy)
     return _denoise(stage, noisy, embeds, views, params, generator, None, None, ref, callback,
                     should_stop)
@@ -360,11 +365,9 @@ def sample_stage_2(
         raise InvalidInputError("image contains NaN or infinite values: pass the stage-1 output")
     embeds = _cfg_embeds(stage, prompt_embeds, negative_prompt_embeds)
     size = stage.sample_size
-    channels = stage.unet.config.in_channels // 2
 
     # 1. x_T, then the upscaled conditioning image noised at `noise_level` (same generator).
-    noisy = randn_tensor((1, channels, size, size), generator=generator, device=stage.device,
-                         dtype=stage.dtype) * stage.scheduler.init_noise_sigma
+    noisy = _initial_noise(stage, stage.unet.config.in_channels // 2, generator)
     image = image.to(device=stage.device, dtype=stage.dtype)
     upscaled = F.interpolate(image, (size, size), mode="bilinear", align_corners=True)
     noise_level = torch.tensor([params.noise_level], device=stage.device)

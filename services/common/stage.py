@@ -69,6 +69,12 @@ def optional_image(message: pb.Tensor, field: str) -> torch.Tensor | None:
     return image
 
 
+def sample_result(image: torch.Tensor, generator: torch.Generator) -> pb.SampleResult:
+    """The image as float32 and the generator's state, for the next stage."""
+    return pb.SampleResult(image=codec.encode(image.float()),
+                           rng_state=codec.encode(generator.get_state()))
+
+
 def model_info(config: ServerConfig, stage: UNetStage) -> pb.ModelInfo:
     unet = stage.unet.config
     return pb.ModelInfo(

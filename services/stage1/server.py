@@ -11,7 +11,6 @@ from anagram.v1 import anagram_pb2 as pb
 from anagram.v1 import anagram_pb2_grpc as pb_grpc
 from illusions.models import UNetStage
 from illusions.sampling import new_generator, sample_stage_1
-from services.common import codec
 from services.common.errors import rpc_errors
 from services.common.server import Admission, ModelHandle, ServerConfig, serve, stream_with_progress
 from services.common.stage import (
@@ -20,6 +19,7 @@ from services.common.stage import (
     model_info,
     optional_image,
     params_from_proto,
+    sample_result,
     views_from_specs,
 )
 
@@ -42,8 +42,7 @@ class Stage1Servicer(pb_grpc.Stage1Servicer):
             image = sample_stage_1(stage, prompt_embeds, negative, views, generator, params,
                                    ref_image=ref_image, callback=progress,
                                    should_stop=should_stop)
-            return pb.SampleResult(image=codec.encode(image.float()),
-                                   rng_state=codec.encode(generator.get_state()))
+            return sample_result(image, generator)
 
         with self.admission.slot(context.is_active):
             yield from stream_with_progress(work, context)

@@ -25,6 +25,7 @@ from services.common.stage import (
     model_info,
     optional_image,
     params_from_proto,
+    sample_result,
     views_from_specs,
 )
 
@@ -52,8 +53,7 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
         def work(progress, should_stop) -> pb.SampleResult:
             out = sample_stage_2(stage, image, prompt_embeds, negative, views, generator, params,
                                  ref_image=ref_image, callback=progress, should_stop=should_stop)
-            return pb.SampleResult(image=codec.encode(out.float()),
-                                   rng_state=codec.encode(generator.get_state()))
+            return sample_result(out, generator)
 
         with self.admission.slot(context.is_active):
             yield from stream_with_progress(work, context)
