@@ -88,6 +88,9 @@ class GraphedUNet:
                 try:
                     self._graphs[key] = self._capture(sample, timestep, embeds, class_labels)
                     logger.info("captured a CUDA graph of the UNet for %s", key)
+                    # The eager warm-up's activations sit in the allocator's cache, outside the
+                    # graphs' pool, and are never needed again: give them back.
+                    torch.cuda.empty_cache()
                 except Exception as exc:  # noqa: BLE001 - eager is always a correct fallback
                     logger.warning("CUDA graph capture failed (%s); running eager", exc)
                     torch.cuda.synchronize(sample.device)

@@ -2,7 +2,9 @@
 
 Every loader takes a Hub id (``DeepFloyd/IF-I-M-v1.0``) or a local directory in Hub layout
 (``unet/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``, ``image_noising_scheduler/``), an
-explicit dtype and device, and optionally 8-bit / 4-bit quantization (bitsandbytes). With
+explicit dtype and device, and optionally 8-bit / 4-bit weights: ``8bit``/``4bit`` with
+bitsandbytes (its Linear layers, CUDA only) or ``int8``/``int4`` with optimum-quanto (weight-only,
+Linear *and* convolution layers, any device; most of a UNet's weights are convolutions). With
 ``random_weights=True`` only the configs are read and the weights are random: full-size models
 for benchmarks, built from a directory of configs.
 
@@ -30,8 +32,10 @@ DEFAULT_STAGE2_MODEL = "DeepFloyd/IF-II-M-v1.0"
 # The T5 encoder and its tokenizer live in the stage-1 repo's text_encoder/ and tokenizer/.
 DEFAULT_ENCODER_MODEL = DEFAULT_STAGE1_MODEL
 
-Quantize = Literal["none", "8bit", "4bit"]
-QUANTIZE_CHOICES: tuple[str, ...] = ("none", "8bit", "4bit")
+Quantize = Literal["none", "8bit", "4bit", "int8", "int4"]
+QUANTIZE_CHOICES: tuple[str, ...] = ("none", "8bit", "4bit", "int8", "int4")
+BNB_CHOICES = ("8bit", "4bit")  # bitsandbytes: Linear layers, quantized while loading, CUDA only
+QUANTO_CHOICES = ("int8", "int4")  # optimum-quanto: Linear and Conv2d weights, any device
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -182,10 +186,9 @@ def _from_pretrained(cls: Any, source: str, subfolder: str, dtype: torch.dtype, 
 
 def _bnb_config(library: Literal["diffusers", "transformers"], quantize: str,
                 dtype: torch.dtype) -> Any | None:
-    if quantize == "none":
+    _check_quantize(quantize)
+    if quantize not in BNB_CHOICES:
         return None
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"unknown quantize {quantize!r}: use one of {', '.join(QUANTIZE_CHOICES)}")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -201,6 +204,36 @@ def _bnb_config(library: Literal["diffusers", "transformers"], quantize: str,
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
     )
+
+
+def _check_quantize(quantize: str) -> None:
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantize {quantize!r}: use one of {', '.join(QUANTIZE_CHOICES)}")
+
+
+def quantize_weights(module: torch.nn.Module, quantize: str,
+                     device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Replace the weights of every Linear and Conv2d layer of ``module`` by int8 or int4 ones.
+
+    Weight-only (optimum-quanto): each layer keeps int8/int4 weights with one scale per output
+    channel and computes in the module's dtype, dequantizing the weight it needs on the fly.
+    ``module`` may sit on the CPU: each layer moves to ``device`` and is quantized there, one at a
+    time, so the GPU never holds more than the quantized model and one full-precision layer.
+    Returns the module, on ``device``.
+    """
+    try:
+        from optimum import quanto
+        from optimum.quanto.nn import QModuleMixin
+    except ImportError:
+        raise ModelLoadError(
+            f"--quantize {quantize} needs optimum-quanto: pip install 'illusion-relay[quantization]'"
+        ) from None
+    quanto.quantize(module, weights={"int8": quanto.qint8, "int4": quanto.qint4}[quantize])
+    for layer in module.modules():
+        if isinstance(layer, QModuleMixin):
+            layer.to(device)
+            layer.freeze()
+    return module.to(device)
 
 
 def _requantized(model: Any, cls: Any, dtype: torch.dtype, **kwargs: Any) -> Any:
@@ -323,16 +356,19 @@ def load_unet_stage(
             raise ModelLoadError(
                 f"--quantize {quantize} for the stage-{stage} UNet needs a CUDA GPU (diffusers "
                 "quantizes UNets with bitsandbytes on the GPU only): use --device cuda, or "
-                "--quantize none on this machine"
+                "--quantize int8 / int4 (optimum-quanto, any device) on this machine"
             )
         kwargs = {"quantization_config": quant, "device_map": {"": str(device)}}
+    # optimum-quanto quantizes a model that is already built: build it on the CPU, so the GPU only
+    # ever holds the quantized weights.
+    build_device = torch.device("cpu") if quantize in QUANTO_CHOICES else device
     if random_weights:
         if not (Path(source) / "unet" / "config.json").is_file():
             raise ModelLoadError(
                 f"--random-weights needs a directory with unet/config.json; {source} has none"
             )
         config = UNet2DConditionModel.load_config(str(Path(source) / "unet"))
-        with torch.device(device), _default_dtype(dtype):
+        with torch.device(build_device), _default_dtype(dtype):
             unet = UNet2DConditionModel.from_config(config)
         if quant is not None:
             unet = _requantized(unet, UNet2DConditionModel, dtype, **kwargs)
@@ -340,6 +376,8 @@ def load_unet_stage(
         unet = _from_pretrained(
             UNet2DConditionModel, source, "unet", dtype, f"stage-{stage} UNet", **kwargs
         )
+    if quantize in QUANTO_CHOICES:
+        unet = quantize_weights(unet, quantize, device)
     unet = _place(unet, device, quant is not None)
 
     expected_in = 3 if stage == 1 else 6
@@ -384,7 +422,8 @@ def load_text_encoder_parts(
                 f"--random-weights needs a directory with text_encoder/config.json; {source} has none"
             )
         config = T5Config.from_pretrained(str(config_dir))
-        with torch.device(device), _default_dtype(dtype):
+        build_device = torch.device("cpu") if quantize in QUANTO_CHOICES else device
+        with torch.device(build_device), _default_dtype(dtype):
             encoder = T5EncoderModel(config)
         if quant is not None:
             encoder = _requantized(encoder, T5EncoderModel, dtype, quantization_config=quant,
@@ -403,6 +442,8 @@ def load_text_encoder_parts(
             tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
         except Exception as exc:  # noqa: BLE001
             raise explain_load_error(source, "T5 tokenizer", exc) from exc
+    if quantize in QUANTO_CHOICES:
+        encoder = quantize_weights(encoder, quantize, device)
     encoder = _place(encoder, device, quant is not None)
     logger.info("loaded T5 text encoder from %s (%s, %s, quantize=%s)", source, device, dtype,
                 quantize)

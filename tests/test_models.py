@@ -111,3 +111,62 @@ def test_random_weights_can_be_quantized():
     assert type(layer).__name__ == "Linear8bitLt"
     prompt_embeds, negative = encoder.encode(["a duck"])
     assert prompt_embeds.shape == (1, 77, 32) and torch.isfinite(prompt_embeds).all()
+
+
+def _sample(stage, n_steps: int = 8):
+    """Stage-1 sample with fixed embeddings and seed, 2 views."""
+    from illusions.sampling import SamplingParams, sample_stage_1
+    from illusions.views import build_views
+
+    dim = int(stage.unet.config.encoder_hid_dim or stage.unet.config.cross_attention_dim)
+    g = torch.Generator().manual_seed(0)
+    prompt, negative = torch.randn(2, 77, dim, generator=g), torch.randn(1, 77, dim, generator=g)
+    return sample_stage_1(stage, prompt, negative, build_views(["identity", "flip"]),
+                          torch.Generator().manual_seed(1),
+                          SamplingParams(num_inference_steps=n_steps, guidance_scale=3.0))
+
+
+@pytest.mark.parametrize("quantize, bound", [("int8", 0.1), ("int4", 0.6)])
+def test_int_weights_quantize_convolutions_too(quantize, bound):
+    """optimum-quanto weights: every Linear *and* Conv2d layer holds int weights (most of a UNet
+    is convolutions), on the CPU; the picture stays close to the full-precision one, int8 closer
+    than int4."""
+    pytest.importorskip("optimum.quanto")
+    full = load_unet_stage(str(STAGE1_DIR), 1)
+    small = load_unet_stage(str(STAGE1_DIR), 1, quantize=quantize)
+    convs = [m for m in small.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in small.unet.modules() if isinstance(m, torch.nn.Linear)]
+    assert convs and linears
+    assert all(type(m).__name__ == "QConv2d" for m in convs)
+    assert all(type(m).__name__ == "QLinear" for m in linears)
+    stored = {type(m.weight).__name__ for m in convs + linears}
+    assert stored <= {"WeightQBytesTensor", "WeightQBitsTensor", "TinyGemmWeightQBitsTensor"}
+    a, b = _sample(full), _sample(small)
+    diff = (a - b).abs().max().item()
+    assert 0 < diff < bound, diff
+
+
+def test_int8_stage_2_and_t5():
+    pytest.importorskip("optimum.quanto")
+    stage = load_unet_stage(str(STAGE2_DIR), 2, quantize="int8")
+    assert all(type(m).__name__ == "QConv2d" for m in stage.unet.modules()
+               if isinstance(m, torch.nn.Conv2d))
+    full = TextEncoder.from_pretrained(str(STAGE1_DIR))
+    small = TextEncoder.from_pretrained(str(STAGE1_DIR), quantize="int8")
+    assert type(small.model.encoder.block[0].layer[0].SelfAttention.q).__name__ == "QLinear"
+    a, _ = full.encode(["a duck in a pond"])
+    b, _ = small.encode(["a duck in a pond"])
+    assert 0 < (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_random_weights_in_int8():
+    """Benchmarks at real sizes: random weights are built on the CPU and quantized there."""
+    pytest.importorskip("optimum.quanto")
+    stage = load_unet_stage(str(STAGE1_DIR), 1, random_weights=True, quantize="int8")
+    assert type(stage.unet.conv_in).__name__ == "QConv2d"
+    assert torch.isfinite(_sample(stage, n_steps=2)).all()
+
+
+def test_unknown_quantize_names_the_choices():
+    with pytest.raises(ValueError, match="int8"):
+        load_unet_stage(str(STAGE1_DIR), 1, quantize="int3")

@@ -133,7 +133,9 @@ class ModelHandle(Generic[T]):
         info = pb.ModelInfo()
         info.CopyFrom(self.info)
         if info.device.startswith("cuda"):
-            info.peak_memory_bytes = torch.cuda.max_memory_reserved(torch.device(info.device))
+            device = torch.device(info.device)
+            info.peak_memory_bytes = torch.cuda.max_memory_reserved(device)
+            info.peak_allocated_bytes = torch.cuda.max_memory_allocated(device)
         return info
 
     def get(self) -> T:
