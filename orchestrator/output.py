@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import save_file
 
 from illusions.views import View
@@ -29,13 +29,85 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def views_sheet(image: torch.Tensor, views: Sequence[View]) -> Image.Image:
-    """The illusion as seen through each view, side by side: one (H, V*W) RGB image."""
+# Text on sheets and animations: Pillow's built-in font (FreeType, no system fonts needed).
+INK = (20, 20, 20)  # prompts
+MUTED = (110, 110, 110)  # view names
+MIN_TILE = 256  # sheet tiles of smaller images are enlarged (nearest) to at least this side
+
+
+def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's built-in font at ``size`` pixels (bundled with Pillow >= 10.1)."""
+    return ImageFont.load_default(size=size)
+
+
+def wrap_text(text: str, face: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` into lines at most ``width`` pixels wide.
+
+    A word wider than ``width`` on its own is cut at characters.  Empty text gives no lines.
+    """
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if face.getlength(candidate) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = word
+        while face.getlength(line) > width and len(line) > 1:
+            cut = len(line) - 1
+            while cut > 1 and face.getlength(line[:cut]) > width:
+                cut -= 1
+            lines.append(line[:cut])
+            line = line[cut:]
+    if line:
+        lines.append(line)
+    return lines
+
+
+def line_height(face: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> int:
+    """Distance between baselines of two lines of ``face``."""
+    ascent, descent = face.getmetrics()
+    return int((ascent + descent) * 1.15) + 1
+
+
+def views_sheet(image: torch.Tensor, views: Sequence[View],
+                prompts: Sequence[str] | None = None) -> Image.Image:
+    """The illusion as seen through each view, side by side, each under a label.
+
+    Args:
+        image: ``(1, 3, H, W)`` float image in [-1, 1].
+        views: the views, in order.
+        prompts: one per view (shown under the view's name), or None for names only.
+    Returns:
+        RGB image ``(band + k*H, V * k*W)``: a white label band on top (view name, then the
+        prompt wrapped to the tile's width), the views below; images narrower than ``MIN_TILE``
+        are enlarged by the integer factor ``k`` with nearest-neighbour, so pixels stay pixels.
+    """
+    if prompts is not None and len(prompts) != len(views):
+        raise ValueError(f"{len(prompts)} prompts for {len(views)} views: give one per view")
     seen = [to_pil(view.display(image[0].float().cpu())) for view in views]
     width, height = seen[0].size
-    sheet = Image.new("RGB", (width * len(seen), height))
-    for k, picture in enumerate(seen):
-        sheet.paste(picture, (k * width, 0))
+    k = max(1, -(-MIN_TILE // width))
+    if k > 1:
+        seen = [pic.resize((width * k, height * k), Image.Resampling.NEAREST) for pic in seen]
+        width, height = width * k, height * k
+    face = font(max(11, width // 18))
+    pad = max(4, width // 32)
+    step = line_height(face)
+    labels = [
+        [(view.name, MUTED)] + [(line, INK) for line in
+                                wrap_text(prompts[i] if prompts else "", face, width - 2 * pad)]
+        for i, view in enumerate(views)
+    ]
+    band = 2 * pad + step * max(len(lines) for lines in labels)
+    sheet = Image.new("RGB", (width * len(seen), band + height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, picture in enumerate(seen):
+        sheet.paste(picture, (i * width, band))
+        for j, (text, colour) in enumerate(labels[i]):
+            draw.text((i * width + pad, pad + j * step), text, fill=colour, font=face)
     return sheet
 
 
@@ -53,8 +125,12 @@ def sample_dir(run_dir: Path, seed: int) -> Path:
 
 
 def write_sample(run_dir: Path, seed: int, views: Sequence[View],
-                 images: dict[int, torch.Tensor], save_tensors: bool) -> Path:
-    """Write one finished sample (``images``: size -> (1,3,S,S) float32) into ``run_dir/NNNN``."""
+                 images: dict[int, torch.Tensor], save_tensors: bool,
+                 prompts: Sequence[str] | None = None) -> Path:
+    """Write one finished sample (``images``: size -> (1,3,S,S) float32) into ``run_dir/NNNN``.
+
+    ``prompts`` (one per view) label the sheets of views.
+    """
     final = sample_dir(run_dir, seed)
     partial = run_dir / f".{seed:04d}.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -62,7 +138,7 @@ def write_sample(run_dir: Path, seed: int, views: Sequence[View],
     try:
         for size, image in sorted(images.items()):
             to_pil(image).save(partial / f"sample_{size}.png")
-            views_sheet(image, views).save(partial / f"sample_{size}.views.png")
+            views_sheet(image, views, prompts).save(partial / f"sample_{size}.views.png")
         if save_tensors:
             names = {0: "stage_1", 1: "stage_2"}
             tensors = {names[i]: image.float().contiguous()

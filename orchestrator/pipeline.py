@@ -181,7 +181,7 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
                 update,
             )
         images = {image64.shape[-1]: image64, image256.shape[-1]: image256}
-        written.append(write_sample(run_dir, seed, views, images, config.save_tensors))
+        written.append(write_sample(run_dir, seed, views, images, config.save_tensors, prompts))
         done.append(seed)
         write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
         logger.info("sample %04d done in %.1f s -> %s", seed, time.perf_counter() - started,
