@@ -337,8 +337,13 @@ def _patches(view: View, image: torch.Tensor, t: float) -> torch.Tensor:
     cy = y + shift[which, 0] + m
     cx = x + shift[which, 1] + m
     keep = ((cy >= 0) & (cy < side) & (cx >= 0) & (cx < side)).reshape(-1)
+    # Which image pixel lands on each canvas pixel (-1: none).  One index map, so where patches
+    # overlap in flight a canvas pixel shows one whole image pixel, never channels of two.
+    owner = torch.full((side * side,), -1, dtype=torch.int64)
+    owner[(cy * side + cx).reshape(-1)[keep]] = torch.arange(size * size)[keep]
     out = torch.full((image.shape[0], side * side), BACKGROUND, dtype=image.dtype)
-    out[:, (cy * side + cx).reshape(-1)[keep]] = image.reshape(image.shape[0], -1)[:, keep]
+    painted = owner >= 0
+    out[:, painted] = image.reshape(image.shape[0], -1)[:, owner[painted]]
     return out.reshape(image.shape[0], side, side)
 
 

@@ -1,4 +1,4 @@
-"""The ``illusion`` command: ``generate``, ``serve`` and ``views``.
+"""The ``illusion`` command: ``generate``, ``serve``, ``animate`` and ``views``.
 
 Errors a user can make end in one line ``error: ...`` and a non-zero exit, never a traceback.
 """
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bars")
+    gen.add_argument("--animate", action="store_true",
+                     help="also write each sample's animation (as `illusion animate` does)")
     _add_model_options(gen)
 
     srv = sub.add_parser("serve", help="run one service")
@@ -138,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=8,
                      help="calls that may wait; more are refused with RESOURCE_EXHAUSTED")
     srv.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+    ani = sub.add_parser("animate", help="GIF (and MP4) of a result turning from view to view")
+    ani.add_argument("result", type=Path, metavar="RESULT_DIR",
+                     help="a run folder SAVE_DIR/NAME (all its samples) or one sample folder NNNN")
+    ani.add_argument("--size", type=int, default=None,
+                     help="animate sample_SIZE.png (default: the largest, e.g. 256)")
+    ani.add_argument("--fps", type=int, default=20, help="frames per second (default 20)")
+    ani.add_argument("--hold", type=float, default=1.5,
+                     help="seconds each view stays on screen (default 1.5)")
+    ani.add_argument("--transition", type=float, default=1.0,
+                     help="seconds of each move to or from a view (default 1.0)")
+    ani.add_argument("--video", default="auto", choices=("auto", "mp4", "none"),
+                     help="MP4 besides the GIF: auto = when a video encoder is installed "
+                          "(pip install 'illusion-relay[video]')")
 
     sub.add_parser("views", help="list the views and their arguments")
     return parser
@@ -192,6 +208,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         from services.stage2.server import main
     main(config)
+    return 0
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
+    from orchestrator.animation import AnimateConfig, animate_result
+
+    config = AnimateConfig(size=args.size, fps=args.fps, hold=args.hold,
+                           transition=args.transition, video=args.video)
+    for path in animate_result(args.result, config):
+        print(path)
     return 0
 
 
@@ -252,6 +278,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             written = generate(config, client, progress=progress)
     for folder in written:
         print(folder)
+    if args.animate:
+        from orchestrator.animation import animate_result
+
+        for folder in written:
+            for path in animate_result(folder):
+                print(path)
     return 0
 
 
@@ -268,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_views()
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "animate":
+            return cmd_animate(args)
         return cmd_generate(args)
     except (ViewError, InvalidInputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
