@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,9 +202,8 @@ def animation_frames(image: torch.Tensor, views: Sequence[View], prompts: Sequen
 
 
 def _partial(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    return Path(tmp)
+    """Hidden temporary name beside ``path``, same suffix (encoders pick the format from it)."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
 
 
 def write_gif(path: Path, frames: Sequence[Image.Image], repeats: Sequence[int], fps: int) -> Path:
