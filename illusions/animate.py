@@ -239,6 +239,8 @@ def _bezier(start: torch.Tensor, end: torch.Tensor, t: float, seed: int = PATH_S
 Animator = Callable[[View, torch.Tensor, float], torch.Tensor]
 _ANIMATORS: dict[type[View], Animator] = {}
 _STATIC = (IdentityView, HighPassView, TripleHighPassView, ColorView, MotionBlurResView, ScaleView)
+# Hybrid-image views: their poses differ only in how far away the image is.
+_HYBRID = (LowPassView, HighPassView, TripleLowPassView, TripleMediumPassView, TripleHighPassView)
 
 
 def _animates(*classes: type[View]) -> Callable[[Animator], Animator]:
@@ -528,7 +530,8 @@ def timeline(views: Sequence[View], spec: AnimationSpec | None = None) -> list[S
     Each pose is held for ``spec.hold`` periods.  Going from view ``a`` to view ``b``, ``a`` goes
     back to the identity (``spec.transition`` frames, the last being the identity itself, drawn
     once between two moving legs) and ``b`` moves to its pose; a leg whose view stands still is
-    skipped.  One view gives one held frame.
+    skipped.  Between two hybrid-image views the image zooms straight from one distance to the
+    other (``spec.transition`` frames).  One view gives one held frame.
     """
     spec = spec or AnimationSpec()
     if not views:
@@ -545,6 +548,9 @@ def timeline(views: Sequence[View], spec: AnimationSpec | None = None) -> list[S
             break
         b = (a + 1) % count
         moves_a, moves_b = not is_static(views[a]), not is_static(views[b])
+        if moves_a and moves_b and isinstance(views[a], _HYBRID) and isinstance(views[b], _HYBRID):
+            steps += _zoom_between(views, a, b, n)
+            continue
         # (view, linear time) of every in-between frame; ends (the poses) excluded.
         legs: list[tuple[int, float]] = []
         if moves_a:
@@ -555,6 +561,23 @@ def timeline(views: Sequence[View], spec: AnimationSpec | None = None) -> list[S
             legs += [(b, i / (n + 1)) for i in range(1, n + 1)]
         for k, (v, u) in enumerate(legs):
             steps.append(Step(v, ease(u), 1, a, b, (k + 1) / (len(legs) + 1)))
+    return steps
+
+
+def _zoom_between(views: Sequence[View], a: int, b: int, n: int) -> list[Step]:
+    """``n`` frames zooming from view ``a``'s distance to view ``b``'s (both zooming views).
+
+    The apparent distance ``1 / scale`` goes linearly (eased) from one to the other; each frame is
+    drawn by the view that zooms furthest, at the time that gives that distance.
+    """
+    dist_a, dist_b = 1 / zoom_scale(views[a]), 1 / zoom_scale(views[b])
+    host, far = (a, dist_a) if dist_a >= dist_b else (b, dist_b)
+    if far <= 1:
+        return []  # blurs so narrow that neither view shrinks the image: nothing moves
+    steps = []
+    for i in range(1, n + 1):
+        distance = dist_a + (dist_b - dist_a) * ease(i / (n + 1))
+        steps.append(Step(host, (distance - 1) / (far - 1), 1, a, b, i / (n + 1)))
     return steps
 
 

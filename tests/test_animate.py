@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from illusions import animate
-from illusions.animate import AnimationSpec, canvas_size, frame, margin, place, timeline, zoom_scale
+from illusions.animate import (
+    AnimationSpec,
+    canvas_size,
+    frame,
+    margin,
+    place,
+    render,
+    timeline,
+    zoom_scale,
+)
 from illusions.sampling import SamplingParams
 from illusions.views import VIEWS, View, ViewError, build_view, build_views
 from orchestrator import animation, cli
@@ -180,6 +189,16 @@ def test_timeline_skips_still_legs_and_handles_one_view():
     # low_pass (small) zooms back in over 3 frames; high_pass stands still at full size.
     assert [s.view for s in hybrid] == [0, 0, 0, 0, 1, 0, 0, 0]
     assert len(timeline(build_views(["flip"]), spec)) == 1
+    # Triple hybrid: low (1/4) zooms straight to medium (1/2), medium to high (full size, still),
+    # high back to low: one leg of 3 frames each.
+    triple = build_views(["triple_low_pass", "triple_medium_pass", "triple_high_pass"])
+    steps = timeline(triple, spec)
+    assert len(steps) == 3 + 3 * 3
+    image = noise(256)
+    widths = [int((render(triple, image, s) != animate.BACKGROUND).any(0).any(0).sum())
+              for s in steps[:5]]
+    assert widths[0] == 64 and widths[4] == 128 and widths == sorted(widths)
+    assert all(64 < w < 128 for w in widths[1:4])
     with pytest.raises(ValueError):
         AnimationSpec(hold=0)
 
