@@ -425,7 +425,7 @@ def test_compose_services(compose):
         args = parse_cli(service["command"])
         kinds.setdefault(args.service, []).append(name)
         assert (args.host, args.port) == ("0.0.0.0", PORTS[args.service]), name
-        assert service["image"].split(":")[0] == f"illusion-relay/{args.service}", name
+        assert service["image"] == f"illusion-relay/{args.service}:{project_version()}", name
         dockerfile, target = IMAGES[args.service]
         assert service["build"]["dockerfile"] == f"docker/{dockerfile}", name
         assert service["build"].get("target", target) == target, name
@@ -452,6 +452,7 @@ def test_compose_services(compose):
     assert args.encoder == f"{kinds['encoder'][0]}:{PORTS['encoder']}"
     assert args.stage1 == f"{kinds['stage1'][0]}:{PORTS['stage1']}"
     assert args.stage2 == f"dns:///stage2:{PORTS['stage2']}"
+    assert orchestrator["image"] == services[kinds["encoder"][0]]["image"]
     assert orchestrator["user"].split(":")[0] not in ("0", "root")
     assert orchestrator["healthcheck"] == {"disable": True}
     assert orchestrator["depends_on"] == {
