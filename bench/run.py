@@ -30,7 +30,7 @@ import torch
 
 from anagram.v1 import anagram_pb2 as pb
 from bench.baseline import reference_stage_1, reference_stage_2
-from illusions.models import load_unet_stage
+from illusions.models import QUANTIZE_CHOICES, load_unet_stage
 from illusions.sampling import SamplingParams, sample_stage_1, sample_stage_2
 from illusions.views import build_views
 from orchestrator.client import CascadeClient
@@ -169,7 +169,8 @@ def run_baseline(cascade: str, n_views: int, steps: int, guidance: float, dtype:
 def run_services(cascade: str, n_views: int, steps: int, guidance: float, dtype: str,
                  repeats: int, encoder_device: str, encoder_dtype: str,
                  max_batch: int = 0, quantize: str = "none",
-                 encoder_quantize: str = "none") -> dict[str, Any]:
+                 encoder_quantize: str = "none", stage2_max_batch: int | None = None
+                 ) -> dict[str, Any]:
     """The same work through the three real services (local mode) on this machine's GPU(s)."""
     s1_dir, s2_dir = (str(CONFIGS / name) for name in CASCADES[cascade])
     gpus = torch.cuda.device_count()
@@ -180,7 +181,8 @@ def run_services(cascade: str, n_views: int, steps: int, guidance: float, dtype:
         LocalServiceSpec("stage1", s1_dir, "cuda:0", dtype, quantize=quantize,
                          random_weights=True, max_batch=max_batch),
         LocalServiceSpec("stage2", s2_dir, stage2_device, dtype, quantize=quantize,
-                         random_weights=True, max_batch=max_batch),
+                         random_weights=True,
+                         max_batch=max_batch if stage2_max_batch is None else stage2_max_batch),
     ]
     prompts = [f"prompt number {k}" for k in range(n_views)]
     specs_pb = [pb.ViewSpec(name=name) for name in VIEW_SETS[n_views]]
@@ -227,6 +229,7 @@ def run_services(cascade: str, n_views: int, steps: int, guidance: float, dtype:
     result = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
     result["encode_s"] = encode_s
     result["peak_reserved_gib"] = {k: v.peak_memory_bytes / GiB for k, v in info.items()}
+    result["peak_allocated_gib"] = {k: v.peak_allocated_bytes / GiB for k, v in info.items()}
     # Whole-process figures (CUDA context included), by service.
     result["nvidia_smi_peak_gib"] = {pids.get(pid, str(pid)): mib / 1024
                                      for pid, mib in sampler.peaks.items()}
@@ -262,9 +265,12 @@ def main() -> None:
     parser.add_argument("--encoder-dtype", default="float16")
     parser.add_argument("--max-batch", type=int, default=0,
                         help="services: most rows per UNet call (0: all)")
-    parser.add_argument("--quantize", default="none", choices=("none", "8bit", "4bit"),
-                        help="services: UNet weights in 8 or 4 bits (bitsandbytes)")
-    parser.add_argument("--encoder-quantize", default="none", choices=("none", "8bit", "4bit"))
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                        help="services: UNet weights in 8 or 4 bits (bitsandbytes 8bit/4bit, "
+                             "optimum-quanto int8)")
+    parser.add_argument("--encoder-quantize", default="none", choices=QUANTIZE_CHOICES)
+    parser.add_argument("--stage2-max-batch", type=int, default=None,
+                        help="services: rows per stage-2 UNet call (default: --max-batch)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-services", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
@@ -284,7 +290,8 @@ def main() -> None:
                 entry["services"] = run_services(cascade, n_views, args.steps, args.guidance,
                                                  args.dtype, args.repeats, args.encoder_device,
                                                  args.encoder_dtype, args.max_batch,
-                                                 args.quantize, args.encoder_quantize)
+                                                 args.quantize, args.encoder_quantize,
+                                                 args.stage2_max_batch)
             if "baseline" in entry and "services" in entry:
                 entry["ratio_end_to_end"] = (entry["services"]["end_to_end_s"]
                                              / entry["baseline"]["end_to_end_s"])

@@ -1,5 +1,6 @@
 """Time one UNet call (CFG batch 2V) per stage under several execution modes, to choose the fast
-path: eager, channels_last, CUDA-graph replay, torch.compile. Random weights, real configs.
+path: eager, channels_last, CUDA-graph replay, cuDNN autotuning, torch.compile. Random weights,
+real configs.
 
     python -m bench.unet_call --cascade M/M --views 2 --modes eager channels_last graph compile
 """
@@ -78,6 +79,13 @@ def measure(stage_no: int, directory: str, views: int, modes: list[str]) -> dict
                 out["graph_channels_last_ms"], _ = _graph(lambda inp: call(unet, inp), xc,
                                                           reference)
             unet.to(memory_format=torch.contiguous_format)
+        if "cudnn_benchmark" in modes:
+            # cuDNN picks each convolution's fastest algorithm by trying them (other rounding).
+            torch.backends.cudnn.benchmark = True
+            out["cudnn_benchmark_ms"] = _time(lambda: call(unet, x))
+            out["cudnn_benchmark_max_diff"] = (call(unet, x) - reference).abs().max().item()
+            out["graph_cudnn_benchmark_ms"], _ = _graph(lambda inp: call(unet, inp), x, reference)
+            torch.backends.cudnn.benchmark = False
         if "compile" in modes:
             compiled = torch.compile(unet)
             t0 = time.perf_counter()

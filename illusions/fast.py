@@ -69,6 +69,10 @@ class GraphedUNet:
             for _ in range(self.warmup):
                 self._eager(static.sample, static.timestep, static.embeds, static.class_labels)
         torch.cuda.current_stream(sample.device).wait_stream(stream)
+        # The warm-up's activations are cached by the allocator outside the graphs' pool: give
+        # them back before the capture allocates its own, or the process peaks at both.
+        torch.cuda.synchronize(sample.device)
+        torch.cuda.empty_cache()
         with torch.cuda.graph(static.graph, pool=self._pool):
             static.out = self._eager(static.sample, static.timestep, static.embeds,
                                      static.class_labels)
@@ -88,9 +92,6 @@ class GraphedUNet:
                 try:
                     self._graphs[key] = self._capture(sample, timestep, embeds, class_labels)
                     logger.info("captured a CUDA graph of the UNet for %s", key)
-                    # The eager warm-up's activations sit in the allocator's cache, outside the
-                    # graphs' pool, and are never needed again: give them back.
-                    torch.cuda.empty_cache()
                 except Exception as exc:  # noqa: BLE001 - eager is always a correct fallback
                     logger.warning("CUDA graph capture failed (%s); running eager", exc)
                     torch.cuda.synchronize(sample.device)

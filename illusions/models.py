@@ -3,7 +3,7 @@
 Every loader takes a Hub id (``DeepFloyd/IF-I-M-v1.0``) or a local directory in Hub layout
 (``unet/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``, ``image_noising_scheduler/``), an
 explicit dtype and device, and optionally 8-bit / 4-bit weights: ``8bit``/``4bit`` with
-bitsandbytes (its Linear layers, CUDA only) or ``int8``/``int4`` with optimum-quanto (weight-only,
+bitsandbytes (its Linear layers, CUDA only) or ``int8`` with optimum-quanto (weight-only,
 Linear *and* convolution layers, any device; most of a UNet's weights are convolutions). With
 ``random_weights=True`` only the configs are read and the weights are random: full-size models
 for benchmarks, built from a directory of configs.
@@ -32,10 +32,12 @@ DEFAULT_STAGE2_MODEL = "DeepFloyd/IF-II-M-v1.0"
 # The T5 encoder and its tokenizer live in the stage-1 repo's text_encoder/ and tokenizer/.
 DEFAULT_ENCODER_MODEL = DEFAULT_STAGE1_MODEL
 
-Quantize = Literal["none", "8bit", "4bit", "int8", "int4"]
-QUANTIZE_CHOICES: tuple[str, ...] = ("none", "8bit", "4bit", "int8", "int4")
+Quantize = Literal["none", "8bit", "4bit", "int8"]
+QUANTIZE_CHOICES: tuple[str, ...] = ("none", "8bit", "4bit", "int8")
 BNB_CHOICES = ("8bit", "4bit")  # bitsandbytes: Linear layers, quantized while loading, CUDA only
-QUANTO_CHOICES = ("int8", "int4")  # optimum-quanto: Linear and Conv2d weights, any device
+# optimum-quanto: Linear and Conv2d weights, any device. (Its int4 weights crashed on an H200 with
+# an illegal memory access, docs/benchmarks.md: not offered.)
+QUANTO_CHOICES = ("int8",)
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -213,9 +215,9 @@ def _check_quantize(quantize: str) -> None:
 
 def quantize_weights(module: torch.nn.Module, quantize: str,
                      device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Replace the weights of every Linear and Conv2d layer of ``module`` by int8 or int4 ones.
+    """Replace the weights of every Linear and Conv2d layer of ``module`` by int8 ones.
 
-    Weight-only (optimum-quanto): each layer keeps int8/int4 weights with one scale per output
+    Weight-only (optimum-quanto): each layer keeps int8 weights with one scale per output
     channel and computes in the module's dtype, dequantizing the weight it needs on the fly.
     ``module`` may sit on the CPU: each layer moves to ``device`` and is quantized there, one at a
     time, so the GPU never holds more than the quantized model and one full-precision layer.
@@ -228,7 +230,7 @@ def quantize_weights(module: torch.nn.Module, quantize: str,
         raise ModelLoadError(
             f"--quantize {quantize} needs optimum-quanto: pip install 'illusion-relay[quantization]'"
         ) from None
-    quanto.quantize(module, weights={"int8": quanto.qint8, "int4": quanto.qint4}[quantize])
+    quanto.quantize(module, weights={"int8": quanto.qint8}[quantize])
     for layer in module.modules():
         if isinstance(layer, QModuleMixin):
             layer.to(device)
@@ -247,14 +249,21 @@ def _requantized(model: Any, cls: Any, dtype: torch.dtype, **kwargs: Any) -> Any
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Build random-weight models directly in the target dtype (no fp32 copy of a 4B model)."""
+def _random_init(dtype: torch.dtype, seed: int = 0) -> Iterator[None]:
+    """Build random-weight models on the CPU, directly in ``dtype``, from a fixed seed.
+
+    The same config gives the same weights in every process, whatever device the model then goes
+    to, so a benchmark's baseline, its services and its quantized variants run one model. The
+    global RNG is left as it was.
+    """
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
 
 
 def _place(module: torch.nn.Module, device: torch.device, quantized: bool) -> torch.nn.Module:
@@ -343,7 +352,8 @@ def load_unet_stage(
     """Load the IF-I (``stage=1``) or IF-II (``stage=2``) UNet and its schedulers.
 
     With ``random_weights`` the UNet is built from ``source/unet/config.json`` with random weights
-    (same FLOPs and memory as the real model), directly on ``device`` in ``dtype``.
+    (same FLOPs and memory as the real model), built on the CPU from a fixed seed (the same weights
+    in every process), then moved to ``device`` in ``dtype``.
     """
     from diffusers import UNet2DConditionModel
 
@@ -356,19 +366,16 @@ def load_unet_stage(
             raise ModelLoadError(
                 f"--quantize {quantize} for the stage-{stage} UNet needs a CUDA GPU (diffusers "
                 "quantizes UNets with bitsandbytes on the GPU only): use --device cuda, or "
-                "--quantize int8 / int4 (optimum-quanto, any device) on this machine"
+                "--quantize int8 (optimum-quanto, any device) on this machine"
             )
         kwargs = {"quantization_config": quant, "device_map": {"": str(device)}}
-    # optimum-quanto quantizes a model that is already built: build it on the CPU, so the GPU only
-    # ever holds the quantized weights.
-    build_device = torch.device("cpu") if quantize in QUANTO_CHOICES else device
     if random_weights:
         if not (Path(source) / "unet" / "config.json").is_file():
             raise ModelLoadError(
                 f"--random-weights needs a directory with unet/config.json; {source} has none"
             )
         config = UNet2DConditionModel.load_config(str(Path(source) / "unet"))
-        with torch.device(build_device), _default_dtype(dtype):
+        with _random_init(dtype):
             unet = UNet2DConditionModel.from_config(config)
         if quant is not None:
             unet = _requantized(unet, UNet2DConditionModel, dtype, **kwargs)
@@ -422,8 +429,7 @@ def load_text_encoder_parts(
                 f"--random-weights needs a directory with text_encoder/config.json; {source} has none"
             )
         config = T5Config.from_pretrained(str(config_dir))
-        build_device = torch.device("cpu") if quantize in QUANTO_CHOICES else device
-        with torch.device(build_device), _default_dtype(dtype):
+        with _random_init(dtype):
             encoder = T5EncoderModel(config)
         if quant is not None:
             encoder = _requantized(encoder, T5EncoderModel, dtype, quantization_config=quant,

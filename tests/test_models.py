@@ -126,24 +126,23 @@ def _sample(stage, n_steps: int = 8):
                           SamplingParams(num_inference_steps=n_steps, guidance_scale=3.0))
 
 
-@pytest.mark.parametrize("quantize, bound", [("int8", 0.1), ("int4", 0.6)])
-def test_int_weights_quantize_convolutions_too(quantize, bound):
-    """optimum-quanto weights: every Linear *and* Conv2d layer holds int weights (most of a UNet
-    is convolutions), on the CPU; the picture stays close to the full-precision one, int8 closer
-    than int4."""
+def test_int8_weights_quantize_convolutions_too():
+    """optimum-quanto weights: every Linear *and* Conv2d layer holds int8 weights (most of a UNet
+    is convolutions), on the CPU; the picture stays close to the full-precision one."""
     pytest.importorskip("optimum.quanto")
     full = load_unet_stage(str(STAGE1_DIR), 1)
-    small = load_unet_stage(str(STAGE1_DIR), 1, quantize=quantize)
+    small = load_unet_stage(str(STAGE1_DIR), 1, quantize="int8")
     convs = [m for m in small.unet.modules() if isinstance(m, torch.nn.Conv2d)]
     linears = [m for m in small.unet.modules() if isinstance(m, torch.nn.Linear)]
     assert convs and linears
     assert all(type(m).__name__ == "QConv2d" for m in convs)
     assert all(type(m).__name__ == "QLinear" for m in linears)
     stored = {type(m.weight).__name__ for m in convs + linears}
-    assert stored <= {"WeightQBytesTensor", "WeightQBitsTensor", "TinyGemmWeightQBitsTensor"}
+    assert stored == {"WeightQBytesTensor"}
+    assert all(m.weight._data.dtype == torch.int8 for m in convs + linears)
     a, b = _sample(full), _sample(small)
     diff = (a - b).abs().max().item()
-    assert 0 < diff < bound, diff
+    assert 0 < diff < 0.1, diff
 
 
 def test_int8_stage_2_and_t5():
@@ -169,4 +168,18 @@ def test_random_weights_in_int8():
 
 def test_unknown_quantize_names_the_choices():
     with pytest.raises(ValueError, match="int8"):
-        load_unet_stage(str(STAGE1_DIR), 1, quantize="int3")
+        load_unet_stage(str(STAGE1_DIR), 1, quantize="int4")
+
+
+def test_random_weights_are_the_same_in_every_process():
+    """Benchmarks compare a baseline, services and quantized variants: one model for all, and
+    loading leaves the caller's RNG alone."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_unet_stage(str(STAGE1_DIR), 1, random_weights=True)
+    after = torch.rand(3)
+    b = load_unet_stage(str(STAGE1_DIR), 1, random_weights=True)
+    assert torch.equal(after, expected)
+    for (name, x), (_, y) in zip(a.unet.state_dict().items(), b.unet.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
