@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,13 @@ from illusions.models import (
 )
 from illusions.sampling import REDUCTIONS, InvalidInputError, SamplingParams
 from illusions.views import VIEWS, ViewError
+from services.common.security import (
+    TOKEN_ENV,
+    ClientSecurity,
+    ServerSecurity,
+    read_pem,
+    read_token,
+)
 
 logger = logging.getLogger("illusion")
 
@@ -114,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stage-2 service(s): host:port[,host:port] or dns:///name:port")
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
+    gen.add_argument("--retry-timeout", type=float, default=120.0, metavar="S",
+                     help="how long to wait for a lost service (or a busy one) before giving up "
+                          "(default 120); calls lost with a replica are tried again")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="the run folder holds a different run: delete its samples and start "
+                          "afresh (without it, that is an error; the same command resumes)")
+    gen.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
+                     help="remote services use TLS: trust this CA")
+    gen.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                     help="client certificate, for services started with --tls-client-ca")
+    gen.add_argument("--tls-key", type=Path, default=None, metavar="PEM",
+                     help="key of --tls-cert")
+    gen.add_argument("--tls-server-name", default=None, metavar="NAME",
+                     help="check the services' certificate against this name (default: the "
+                          "host of each address)")
+    gen.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                     help=f"send the bearer token in this file (or set {TOKEN_ENV})")
     gen.add_argument("--no-progress", action="store_true", help="no progress bars")
     gen.add_argument("--animate", action="store_true",
                      help="also write each sample's animation (as `illusion animate` does)")
@@ -139,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "0: all at once")
     srv.add_argument("--max-queue", type=int, default=8,
                      help="calls that may wait; more are refused with RESOURCE_EXHAUSTED")
+    srv.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                     help="serve TLS with this certificate (chain), PEM")
+    srv.add_argument("--tls-key", type=Path, default=None, metavar="PEM",
+                     help="private key of --tls-cert, PEM")
+    srv.add_argument("--tls-client-ca", type=Path, default=None, metavar="PEM",
+                     help="mutual TLS: clients must present a certificate signed by this CA")
+    srv.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                     help=f"every call must carry this bearer token (or set {TOKEN_ENV}); "
+                          "health checks stay open")
     srv.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
     ani = sub.add_parser("animate", help="GIF (and MP4) of a result turning from view to view")
@@ -182,9 +216,31 @@ def cmd_views() -> int:
     return 0
 
 
+def server_security(args: argparse.Namespace) -> ServerSecurity:
+    """TLS files and the token of ``illusion serve``, read here at the edge."""
+    return ServerSecurity(
+        cert=read_pem(args.tls_cert, "--tls-cert"),
+        key=read_pem(args.tls_key, "--tls-key"),
+        client_ca=read_pem(args.tls_client_ca, "--tls-client-ca"),
+        token=read_token(args.token_file, dict(os.environ)),
+    )
+
+
+def client_security(args: argparse.Namespace) -> ClientSecurity:
+    """TLS files and the token of ``illusion generate`` with remote services."""
+    return ClientSecurity(
+        ca=read_pem(args.tls_ca, "--tls-ca"),
+        cert=read_pem(args.tls_cert, "--tls-cert"),
+        key=read_pem(args.tls_key, "--tls-key"),
+        token=read_token(args.token_file, dict(os.environ)),
+        server_name=args.tls_server_name,
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from services.common.server import ServerConfig, configure_logging
 
+    security = server_security(args)  # a missing or unreadable file: one line, before anything
     configure_logging()
     device = _resolve_device(args.device)
     config = ServerConfig(
@@ -200,6 +256,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         parent_pid=args.parent_pid,
+        security=security,
     )
     if args.service == "encoder":
         from services.encoder.server import main
@@ -254,10 +311,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise InvalidInputError(
                 "give all three of --encoder, --stage1 and --stage2, or none for local mode"
             )
-        with CascadeClient(args.encoder, args.stage1, args.stage2, timeout=args.timeout) as client:
+        security = client_security(args)
+        with CascadeClient(args.encoder, args.stage1, args.stage2, timeout=args.timeout,
+                           retry_timeout=args.retry_timeout, security=security) as client:
             client.check()
             written = generate(config, client, progress=progress)
     else:
+        given = [flag for flag, value in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
+                                          ("--tls-key", args.tls_key),
+                                          ("--tls-server-name", args.tls_server_name),
+                                          ("--token-file", args.token_file)) if value]
+        if given:
+            raise InvalidInputError(
+                f"{', '.join(given)} only apply to remote services (--encoder/--stage1/--stage2): "
+                "local mode talks plaintext on loopback"
+            )
         device = _resolve_device(args.device)
         dtype = _resolve_dtype(args.dtype, device)
         specs = [
@@ -272,7 +340,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ]
         logger.info("local mode: starting the encoder, stage-1 and stage-2 services")
         with LocalServices(specs) as addresses, CascadeClient(
-            addresses["encoder"], addresses["stage1"], addresses["stage2"], timeout=args.timeout
+            addresses["encoder"], addresses["stage1"], addresses["stage2"], timeout=args.timeout,
+            retry_timeout=args.retry_timeout,
         ) as client:
             client.check()
             written = generate(config, client, progress=progress)

@@ -7,8 +7,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -17,11 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from anagram.v1 import anagram_pb2 as pb
 from anagram.v1 import anagram_pb2_grpc as pb_grpc
 from services.common import codec
+from services.common.errors import RETRY_AFTER_KEY
+from services.common.security import ClientSecurity
 from services.common.server import GRPC_OPTIONS, SERVICE_NAMES
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 class ServiceError(RuntimeError):
@@ -69,12 +75,47 @@ def grpc_target(addresses: str) -> str:
     raise ValueError(f"replica list {addresses!r} mixes IPv4 and IPv6 addresses")
 
 
-def open_channel(addresses: str) -> grpc.Channel:
-    """An insecure channel with raised message limits and ``round_robin`` over all replicas."""
+# Reconnect quickly once a replica is back (gRPC's default backoff grows to 120 s between tries).
+RECONNECT_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+def _first_host(target: str) -> str:
+    """The host of the first address of a gRPC target (``ipv4:a:1,b:2`` -> ``a``)."""
+    rest = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
+    first = rest.removeprefix("dns:///").split(",")[0]
+    host = first.rpartition(":")[0] if first.count(":") == 1 or first.startswith("[") else first
+    return host.strip("[]")
+
+
+def open_channel(addresses: str, security: ClientSecurity | None = None) -> grpc.Channel:
+    """A channel with raised message limits and ``round_robin`` over all replicas.
+
+    With ``security.ca`` the channel speaks TLS (presenting ``security.cert`` when set). The
+    server certificate is checked against ``security.server_name``, else the target's host (for a
+    replica list: the first address's, since every replica carries the same certificate).
+    """
     service_config = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
-    return grpc.insecure_channel(
-        grpc_target(addresses), options=[*GRPC_OPTIONS, ("grpc.service_config", service_config)]
-    )
+    target = grpc_target(addresses)
+    options: list[tuple[str, object]] = [*GRPC_OPTIONS, *RECONNECT_OPTIONS,
+                                         ("grpc.service_config", service_config)]
+    credentials = security.credentials() if security is not None else None
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    name = security.server_name if security is not None else None
+    if name is None and target.startswith(("ipv4:", "ipv6:")):
+        name = _first_host(target)
+    if name:
+        options.append(("grpc.ssl_target_name_override", name))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _is_tls_failure(details: str) -> bool:
+    lowered = details.lower()
+    return any(word in lowered for word in ("ssl", "tls", "handshake", "certificate"))
 
 
 def _translate(service: str, address: str, error: grpc.RpcError, timeout: float | None
@@ -82,8 +123,13 @@ def _translate(service: str, address: str, error: grpc.RpcError, timeout: float 
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
     where = f"{service} at {address}"
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(details):
+        text = (f"{where}: the TLS handshake failed ({details}): check --tls-ca (the CA that signed "
+                "the server's certificate) and, for mutual TLS, --tls-cert/--tls-key")
+    elif code == grpc.StatusCode.UNAVAILABLE:
         text = f"{where} is unavailable ({details}): check that it is running and reachable"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        text = f"{where} refused the call: {details}"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         text = f"{where} did not finish within {timeout:.0f} s: raise --timeout or check the service"
     elif code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -98,42 +144,110 @@ def _translate(service: str, address: str, error: grpc.RpcError, timeout: float 
     return ServiceError(text, code)
 
 
+DEFAULT_RETRY_TIMEOUT = 120.0  # seconds to wait for a lost service to come back
+MAX_ATTEMPTS = 5  # tries of one call that keeps losing its replica
+MAX_OVERLOAD_DELAY = 10.0  # longest single back-off after RESOURCE_EXHAUSTED, seconds
+
+
+class _BrokenStream(Exception):
+    """The stream ended without a result (the replica went away): retried like UNAVAILABLE."""
+
+
+def retry_after(error: grpc.RpcError) -> float | None:
+    """The server's ``retry-after-ms`` hint of a RESOURCE_EXHAUSTED error, in seconds, or None."""
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return None
+    return None
+
+
 @dataclass
 class _Service:
     name: str  # encoder | stage1 | stage2
     address: str
     channel: grpc.Channel
+    metadata: tuple[tuple[str, str], ...] = ()
 
     def check(self, timeout: float) -> None:
         """Health check; waits up to ``timeout`` for the service to come up and be SERVING."""
         stub = health_pb2_grpc.HealthStub(self.channel)
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAMES[self.name])
         try:
-            reply = stub.Check(request, timeout=timeout, wait_for_ready=True)
+            reply = stub.Check(request, timeout=timeout, wait_for_ready=True,
+                               metadata=self.metadata)
         except grpc.RpcError as err:
             if err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                 raise ServiceError(
                     f"{self.name} at {self.address} does not answer (waited {timeout:.0f} s): "
-                    "check the address and that the service is running",
+                    "check the address, that the service is running and, with TLS, --tls-ca and "
+                    "the client certificate",
                     err.code(),
                 ) from None
             raise _translate(self.name, self.address, err, timeout) from None
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise ServiceError(f"{self.name} at {self.address} is not serving yet (still loading)")
 
+    def wait_until_serving(self, budget: float, lost: str) -> None:
+        """Wait up to ``budget`` seconds until some replica answers SERVING.
+
+        ``lost`` describes what went wrong, for the error raised when none comes back in time.
+        """
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAMES[self.name])
+        deadline = time.monotonic() + budget
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                reply = stub.Check(request, timeout=remaining, wait_for_ready=True,
+                                   metadata=self.metadata)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise _translate(self.name, self.address, err, budget) from None
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        raise ServiceError(
+            f"{self.name} at {self.address} is unavailable ({lost}) and did not come back within "
+            f"{budget:.0f} s (--retry-timeout): check that it is running and reachable, and "
+            "with TLS, --tls-ca and the client certificate",
+            grpc.StatusCode.UNAVAILABLE,
+        )
+
 
 class CascadeClient:
-    """Talks to the encoder, stage-1 and stage-2 services."""
+    """Talks to the encoder, stage-1 and stage-2 services.
 
-    def __init__(self, encoder: str, stage1: str, stage2: str, timeout: float = 3600.0) -> None:
+    Calls that fail because a replica is gone (UNAVAILABLE, or a stream that breaks off) are tried
+    again, up to ``MAX_ATTEMPTS`` times: first the client waits (``wait_for_ready``, at most
+    ``retry_timeout`` seconds) until a replica reports SERVING, so with several replicas the retry
+    lands on a live one and with one it waits for it to come back. Calls refused with
+    RESOURCE_EXHAUSTED are tried again after the server's ``retry-after-ms`` hint (growing
+    back-off, ``retry_timeout`` seconds in all). Every call is deterministic given its request
+    (seeds and generator state travel in it), so a retried sample equals an undisturbed one.
+    """
+
+    def __init__(self, encoder: str, stage1: str, stage2: str, timeout: float = 3600.0,
+                 retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+                 security: ClientSecurity | None = None) -> None:
         self.timeout = timeout
+        self.retry_timeout = retry_timeout
+        self.security = security or ClientSecurity()
+        self.metadata = self.security.metadata()
+        if self.security.token and not self.security.tls:
+            logger.warning("the bearer token travels unencrypted: add --tls-ca unless the network "
+                           "is private")
         self.services = {
-            name: _Service(name, address, open_channel(address))
+            name: _Service(name, address, open_channel(address, self.security), self.metadata)
             for name, address in (("encoder", encoder), ("stage1", stage1), ("stage2", stage2))
         }
         self._encoder = pb_grpc.EncoderStub(self.services["encoder"].channel)
         self._stage1 = pb_grpc.Stage1Stub(self.services["stage1"].channel)
         self._stage2 = pb_grpc.Stage2Stub(self.services["stage2"].channel)
+        self.retries: dict[str, int] = {"encoder": 0, "stage1": 0, "stage2": 0}  # calls repeated
 
     def close(self) -> None:
         for service in self.services.values():
@@ -149,32 +263,77 @@ class CascadeClient:
         for service in self.services.values():
             service.check(timeout)
 
-    def _unary(self, name: str, call: Callable[..., object], request: object,
-               timeout: float) -> object:
-        try:
-            return call(request, timeout=timeout)
-        except grpc.RpcError as err:
-            service = self.services[name]
-            raise _translate(name, service.address, err, timeout) from None
+    def _with_retries(self, name: str, attempt: Callable[[], T], timeout: float) -> T:
+        """Run ``attempt()`` (one RPC), repeating it after lost replicas and overload."""
+        service = self.services[name]
+        overload_waited = 0.0
+        tries = lost_tries = 0
+        while True:
+            tries += 1
+            try:
+                return attempt()
+            except _BrokenStream as exc:
+                code, lost = grpc.StatusCode.UNAVAILABLE, str(exc)
+                error: grpc.RpcError | None = None
+            except grpc.RpcError as err:
+                code, lost, error = err.code(), f"{err.code().name}: {err.details()}", err
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and error is not None:
+                hint = retry_after(error)
+                if hint is None:  # not the queue (e.g. out of memory): retrying will not help
+                    raise _translate(name, service.address, error, timeout) from None
+                delay = min(MAX_OVERLOAD_DELAY, max(hint, 0.25 * 2 ** (tries - 1)))
+                delay *= 1 + 0.2 * random.random()  # many clients do not come back in step
+                if overload_waited + delay > self.retry_timeout:
+                    raise ServiceError(
+                        f"{name} at {service.address} stayed overloaded for "
+                        f"{overload_waited:.0f} s ({tries} tries; --retry-timeout "
+                        f"{self.retry_timeout:.0f}): {error.details()}",
+                        code,
+                    ) from None
+                logger.info("%s at %s is busy; trying again in %.1f s", name, service.address,
+                            delay)
+                time.sleep(delay)
+                overload_waited += delay
+            elif code == grpc.StatusCode.UNAVAILABLE:
+                lost_tries += 1
+                if lost_tries >= MAX_ATTEMPTS:
+                    if error is not None:
+                        raise _translate(name, service.address, error, timeout) from None
+                    raise ServiceError(f"{name} at {service.address}: {lost} ({lost_tries} tries)",
+                                       code)
+                if error is not None and _is_tls_failure(error.details() or ""):
+                    raise _translate(name, service.address, error, timeout) from None
+                logger.warning("%s at %s: call lost (%s); trying again once a replica is "
+                               "serving (try %d of %d)", name, service.address, lost,
+                               lost_tries + 1, MAX_ATTEMPTS)
+                service.wait_until_serving(self.retry_timeout, lost)
+            else:
+                assert error is not None
+                raise _translate(name, service.address, error, timeout) from None
+            self.retries[name] += 1
+
+    def _unary(self, name: str, call: Callable[..., Any], request: object,
+               timeout: float) -> Any:
+        return self._with_retries(
+            name, lambda: call(request, timeout=timeout, metadata=self.metadata), timeout)
 
     def describe(self) -> dict[str, pb.ModelInfo]:
         stubs = {"encoder": self._encoder, "stage1": self._stage1, "stage2": self._stage2}
-        return {name: self._unary(name, stub.Describe, pb.DescribeRequest(), 30.0)  # type: ignore
+        return {name: self._unary(name, stub.Describe, pb.DescribeRequest(), 30.0)
                 for name, stub in stubs.items()}
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (prompt_embeds (N,77,D), negative_prompt_embeds (1,77,D))."""
         reply = self._unary("encoder", self._encoder.Encode,
                             pb.EncodeRequest(prompts=list(prompts)), min(self.timeout, 600.0))
-        return (codec.decode(reply.prompt_embeds, "prompt_embeds"),  # type: ignore[attr-defined]
-                codec.decode(reply.negative_prompt_embeds,  # type: ignore[attr-defined]
-                             "negative_prompt_embeds"))
+        return (codec.decode(reply.prompt_embeds, "prompt_embeds"),
+                codec.decode(reply.negative_prompt_embeds, "negative_prompt_embeds"))
 
-    def _stream(self, name: str, events: Iterator[pb.SampleEvent],
-                progress: ProgressCallback | None) -> tuple[torch.Tensor, torch.Tensor]:
-        service = self.services[name]
-        try:
-            for event in events:
+    def _sample(self, name: str, method: Callable[..., Iterator[pb.SampleEvent]],
+                request: object, progress: ProgressCallback | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        def attempt() -> tuple[torch.Tensor, torch.Tensor]:
+            for event in method(request, timeout=self.timeout, metadata=self.metadata):
                 if event.HasField("progress"):
                     if progress is not None:
                         progress(event.progress.step, event.progress.total)
@@ -182,18 +341,16 @@ class CascadeClient:
                     result = event.result
                     return (codec.decode(result.image, "image"),
                             codec.decode(result.rng_state, "rng_state"))
-        except grpc.RpcError as err:
-            raise _translate(name, service.address, err, self.timeout) from None
-        raise ServiceError(f"{name} at {service.address} ended the call without a result")
+            raise _BrokenStream("the call ended without a result")
+
+        return self._with_retries(name, attempt, self.timeout)
 
     def stage1(self, request: pb.Stage1Request, progress: ProgressCallback | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (image (1,3,64,64) float32, generator state)."""
-        events = self._stage1.Sample(request, timeout=self.timeout)
-        return self._stream("stage1", events, progress)
+        return self._sample("stage1", self._stage1.Sample, request, progress)
 
     def stage2(self, request: pb.Stage2Request, progress: ProgressCallback | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (image (1,3,256,256) float32, generator state)."""
-        events = self._stage2.Sample(request, timeout=self.timeout)
-        return self._stream("stage2", events, progress)
+        return self._sample("stage2", self._stage2.Sample, request, progress)

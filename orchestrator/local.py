@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.security import TOKEN_ENV
+
 logger = logging.getLogger(__name__)
 
 READY = re.compile(r"^serving (\w+) on (\S+)$")
@@ -91,6 +93,7 @@ class LocalServices:
     def start(self) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.pop(TOKEN_ENV, None)  # local services talk plaintext on loopback, without a token
         for spec in self.specs:
             log = Path(self._logdir.name) / f"{spec.kind}.log"
             process = subprocess.Popen(

@@ -4,6 +4,7 @@ streaming progress from a worker thread, start-up (load, warm up, then SERVING) 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import queue
@@ -13,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -24,16 +25,22 @@ from grpc_reflection.v1alpha import reflection
 from anagram.v1 import anagram_pb2 as pb
 from illusions.sampling import SamplingCancelled
 from services.common.errors import NotReady, ServiceOverloaded
+from services.common.security import ServerSecurity
 
 logger = logging.getLogger(__name__)
 
 # 4 views of fp32 T5-XXL embeddings are ~5 MB and a 1024px fp32 image 12 MB: far above gRPC's
 # 4 MiB default. Servers and channels raise both limits to this.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-GRPC_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+
+
+def message_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    """Channel/server options raising both message limits to ``max_bytes``."""
+    return [("grpc.max_send_message_length", max_bytes),
+            ("grpc.max_receive_message_length", max_bytes)]
+
+
+GRPC_OPTIONS: list[tuple[str, Any]] = message_options()
 SERVICE_NAMES = {
     "encoder": "anagram.v1.Encoder",
     "stage1": "anagram.v1.Stage1",
@@ -59,12 +66,25 @@ class ServerConfig:
     max_queue: int = 8  # calls allowed to wait beyond those; more get RESOURCE_EXHAUSTED
     grace_s: float = 10.0  # SIGTERM: how long in-flight calls may finish
     parent_pid: int | None = None  # local mode: exit when this process goes away
+    security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS, token (none: plain)
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger requests get RESOURCE_EXHAUSTED
 
 
-def create_server(address: str, max_workers: int = 16) -> tuple[grpc.Server, int]:
-    """A gRPC server bound to ``address`` (port 0 picks one). Returns (server, port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
-    port = server.add_insecure_port(address)
+def create_server(address: str, max_workers: int = 16, security: ServerSecurity | None = None,
+                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to ``address`` (port 0 picks one). Returns (server, port).
+
+    With ``security``: a TLS port (mutual TLS when it has a client CA) and the bearer-token check.
+    """
+    security = security or ServerSecurity()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         interceptors=security.interceptors(),
+                         options=message_options(max_message_bytes))
+    credentials = security.credentials()
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}: is the port in use?")
     return server, port
@@ -191,6 +211,13 @@ def configure_logging() -> None:
     )
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
     """Local mode: if the orchestrator dies without stopping us, stop too."""
     while not stop.wait(1.0):
@@ -216,7 +243,9 @@ def serve(
     """
     name = SERVICE_NAMES[config.service]
     server, port = create_server(f"{config.host}:{config.port}",
-                                 max_workers=config.max_concurrent + config.max_queue + 8)
+                                 max_workers=config.max_concurrent + config.max_queue + 8,
+                                 security=config.security,
+                                 max_message_bytes=config.max_message_bytes)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_servicer(server)
@@ -227,7 +256,11 @@ def serve(
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
     address = f"{config.host}:{port}"
-    logger.info("%s listening on %s; loading %s", config.service, address, config.model)
+    logger.info("%s listening on %s (%s); loading %s", config.service, address,
+                config.security.describe(), config.model)
+    if not config.security.tls and not _is_loopback(config.host):
+        logger.warning("%s is reachable beyond this machine without TLS: add --tls-cert/--tls-key "
+                       "(and --token-file) unless the network is private", address)
 
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
