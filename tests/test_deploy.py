@@ -578,9 +578,11 @@ def test_k8s_stage(service):
         check = probe_args(command)
         assert port_of(check.address) == args.port, kind
         assert check.service == name_asked, kind
-        assert check.tls_ca and check.tls_cert and check.tls_key and check.token_file, kind
+        # Mutual TLS: the probe presents the pod's own certificate; health needs no token.
+        assert check.tls_ca and check.tls_server_name, kind
         assert str(check.tls_ca) == flag(container["args"], "--tls-client-ca"), kind
-        assert str(check.token_file) == flag(container["args"], "--token-file"), kind
+        assert str(check.tls_cert) == flag(container["args"], "--tls-cert"), kind
+        assert str(check.tls_key) == flag(container["args"], "--tls-key"), kind
         assert container[kind]["timeoutSeconds"] > check.timeout, kind
         _check_paths_mounted(pod, container, command)
     startup = container["startupProbe"]
