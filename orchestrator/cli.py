@@ -301,7 +301,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ),
         ref_image=args.ref_image,
         save_tensors=args.save_tensors,
+        overwrite=args.overwrite,
     )
+    if args.retry_timeout < 0:
+        raise InvalidInputError(f"--retry-timeout {args.retry_timeout}: use 0 or more seconds")
     check_config(config)  # fail fast, before any service starts
     progress = not args.no_progress and sys.stderr.isatty()
 

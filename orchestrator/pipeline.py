@@ -5,8 +5,12 @@ Runs against a :class:`CascadeClient`, whether the services were started locally
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import platform
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -44,6 +48,7 @@ class GenerateConfig:
     params: SamplingParams = field(default_factory=SamplingParams)
     ref_image: Path | None = None
     save_tensors: bool = False
+    overwrite: bool = False  # the run folder holds another run: replace it instead of refusing
 
     @property
     def run_dir(self) -> Path:
@@ -80,7 +85,95 @@ def check_config(config: GenerateConfig) -> list[View]:
     config.params.validate()
     if config.ref_image is not None and not Path(config.ref_image).is_file():
         raise InvalidInputError(f"--ref-image {config.ref_image} does not exist: give an image file")
-    return build_views(config.views, config.view_args or None, view_seed=config.view_seed)
+    views = build_views(config.views, config.view_args or None, view_seed=config.view_seed)
+    if not config.overwrite:
+        check_run_dir(config, _metadata(config, style_prompts(config.prompts, config.style), None,
+                                        []))
+    return views
+
+
+# ----------------------------------------------------------------------------- resuming a run
+
+SAMPLE_DIR = re.compile(r"\d{4,}")
+PARTIAL_DIR = re.compile(r"\.\d{4,}\.partial")
+
+
+class RunMismatchError(InvalidInputError):
+    """The run folder holds the results of a different command."""
+
+
+def job_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """What two commands must share to write into one run folder: the same prompts, views,
+    sampling parameters, reference image and models give the same picture for the same seed.
+
+    Seeds and the number of samples may differ (sample ``seed`` is the same picture either way),
+    and so may where the models run.
+    """
+    models = meta.get("models")
+    return {
+        "prompts": meta.get("prompts"),
+        "views": meta.get("views"),
+        "sampling": meta.get("sampling"),
+        "ref_image": meta.get("ref_image_sha256", meta.get("ref_image")),
+        "models": None if models is None else {
+            name: {key: info.get(key) for key in ("model", "dtype", "quantize", "random_weights")}
+            for name, info in models.items()
+        },
+    }
+
+
+def finished_samples(run_dir: Path, save_tensors: bool) -> list[int]:
+    """Seeds whose folder ``NNNN`` is complete (folders appear only once complete; with
+    ``save_tensors`` a folder also needs its tensors)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(
+        int(entry.name) for entry in run_dir.iterdir()
+        if entry.is_dir() and SAMPLE_DIR.fullmatch(entry.name)
+        and (not save_tensors or (entry / "tensors.safetensors").is_file())
+    )
+
+
+def check_run_dir(config: GenerateConfig, meta: dict[str, Any]) -> None:
+    """Refuse to mix two different runs in one folder.
+
+    ``meta`` is this command's metadata; with ``models`` None (before the services answered) the
+    models are not compared yet.
+    """
+    run_dir = config.run_dir
+    path = run_dir / "metadata.json"
+    fix = f"pick another --name, remove {run_dir}, or pass --overwrite to replace its samples"
+    if not path.is_file():
+        if run_dir.is_dir() and any(SAMPLE_DIR.fullmatch(p.name) for p in run_dir.iterdir()):
+            raise RunMismatchError(f"{run_dir} holds samples but no metadata.json, so they may be "
+                                   f"from another command: {fix}")
+        return
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise RunMismatchError(f"{path} cannot be read ({exc}): {fix}") from None
+    mine, theirs = job_identity(meta), job_identity(old)
+    if mine["models"] is None:
+        mine.pop("models")
+        theirs.pop("models")
+    differ = [key for key in mine if mine[key] != theirs.get(key)]
+    if differ:
+        raise RunMismatchError(
+            f"{run_dir} holds another run (its {', '.join(differ)} differ from this command's): "
+            f"{fix}. Rerunning the same command resumes a run."
+        )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """``--overwrite``: remove the samples and metadata of an earlier run (nothing else)."""
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        if entry.is_dir() and (SAMPLE_DIR.fullmatch(entry.name) or PARTIAL_DIR.fullmatch(entry.name)):
+            shutil.rmtree(entry)
+    (run_dir / "metadata.json").unlink(missing_ok=True)
 
 
 def load_ref_image(path: Path) -> torch.Tensor:
@@ -95,7 +188,13 @@ def load_ref_image(path: Path) -> torch.Tensor:
     return pixels.float() / 127.5 - 1
 
 
-def _metadata(config: GenerateConfig, prompts: list[str], models: dict[str, pb.ModelInfo],
+def _sha256(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _metadata(config: GenerateConfig, prompts: list[str], models: dict[str, pb.ModelInfo] | None,
               done: list[int]) -> dict[str, Any]:
     params = asdict(config.params)
     return {
@@ -111,7 +210,8 @@ def _metadata(config: GenerateConfig, prompts: list[str], models: dict[str, pb.M
         "num_samples": config.num_samples,
         "sampling": params,
         "ref_image": str(config.ref_image) if config.ref_image else None,
-        "models": {
+        "ref_image_sha256": _sha256(config.ref_image),
+        "models": None if models is None else {
             name: {"model": info.model, "device": info.device, "dtype": info.dtype,
                    "quantize": info.quantize, "random_weights": info.random_weights}
             for name, info in models.items()
@@ -133,15 +233,33 @@ def _bar(desc: str, enabled: bool) -> tuple[tqdm, Callable[[int, int], None]]:
 
 
 def generate(config: GenerateConfig, client: CascadeClient, progress: bool = True) -> list[Path]:
-    """Run the job; returns the sample folders written. Files appear only for finished samples."""
+    """Run the job; returns the folders of this command's samples. Files appear only for finished
+    samples.
+
+    Resuming: if the run folder holds the same run (the same command, or one that differs only
+    in ``--seed``/``--num-samples``), finished samples are kept and skipped and the rest are made;
+    a different run there is an error unless ``config.overwrite``. ``metadata.json`` lists every
+    finished sample in ``samples_done``.
+    """
     views = check_config(config)
     ref_image = load_ref_image(config.ref_image) if config.ref_image else None
     prompts = style_prompts(config.prompts, config.style)
     models = client.describe()
     run_dir = config.run_dir
+    if config.overwrite:
+        clear_run_dir(run_dir)
+    else:
+        check_run_dir(config, _metadata(config, prompts, models, []))
     run_dir.mkdir(parents=True, exist_ok=True)
-    done: list[int] = []
+    done = finished_samples(run_dir, config.save_tensors)
+    seeds = [config.seed + i for i in range(config.num_samples)]
+    todo = [seed for seed in seeds if seed not in done]
+    if len(todo) < len(seeds):
+        logger.info("resuming %s: %d of %d samples already done", run_dir,
+                    len(seeds) - len(todo), len(seeds))
     write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
+    if not todo:
+        return [sample_dir(run_dir, seed) for seed in seeds]
 
     # Embeddings once per run, reused by every sample.
     prompt_embeds, negative = client.encode(prompts)
@@ -153,9 +271,7 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
         for k, name in enumerate(config.views)
     ]
     ref_message = codec.encode(ref_image) if ref_image is not None else pb.Tensor()
-    written: list[Path] = []
-    for i in range(config.num_samples):
-        seed = config.seed + i
+    for seed in todo:
         params = pb.SamplingParams(
             num_inference_steps=config.params.num_inference_steps,
             guidance_scale=config.params.guidance_scale,
@@ -181,9 +297,9 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
                 update,
             )
         images = {image64.shape[-1]: image64, image256.shape[-1]: image256}
-        written.append(write_sample(run_dir, seed, views, images, config.save_tensors, prompts))
-        done.append(seed)
+        write_sample(run_dir, seed, views, images, config.save_tensors, prompts)
+        done = sorted({*done, seed})
         write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
         logger.info("sample %04d done in %.1f s -> %s", seed, time.perf_counter() - started,
                     sample_dir(run_dir, seed))
-    return written
+    return [sample_dir(run_dir, seed) for seed in seeds]

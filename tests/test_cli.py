@@ -187,13 +187,14 @@ def test_gated_model_without_login_is_one_sentence(tmp_path):
 
 
 def test_killed_service_mid_run_leaves_no_half_written_sample(tmp_path, remote):
+    """The only stage-2 replica dies and does not come back within --retry-timeout."""
     with serve("stage2", STAGE2_DIR, env={"ILLUSION_LOG_LEVEL": "DEBUG"}) as (address, stage2):
         run = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "generate", "--prompts", "a", "b",
              "--views", "identity", "flip", "--num-inference-steps", "60",
              "--guidance-scale", "3", "--encoder", remote["encoder"], "--stage1",
              remote["stage1"], "--stage2", address, "--save-dir", str(tmp_path), "--name", "k",
-             "--save-tensors"],
+             "--save-tensors", "--retry-timeout", "3"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         # Wait until stage 2 is denoising (its DEBUG log shows the steps), then kill it hard.
@@ -211,7 +212,7 @@ def test_killed_service_mid_run_leaves_no_half_written_sample(tmp_path, remote):
         out, err = run.communicate(timeout=120)
     assert run.returncode == 1, err
     line = _one_error_line(subprocess.CompletedProcess([], 1, out, err))
-    assert f"stage2 at {address}" in line
+    assert f"stage2 at {address}" in line and "did not come back within 3 s" in line
     run_dir = tmp_path / "k"
     assert not (run_dir / "0000").exists()
     assert not list(run_dir.glob(".*partial"))

@@ -9,7 +9,7 @@ import grpc
 
 from anagram.v1 import anagram_pb2 as pb
 from anagram.v1 import anagram_pb2_grpc as pb_grpc
-from illusions.sampling import InvalidInputError
+from illusions.sampling import InvalidInputError, SamplingCancelled
 from illusions.text import TextEncoder
 from services.common import codec
 from services.common.errors import rpc_errors
@@ -40,6 +40,10 @@ class EncoderServicer(pb_grpc.EncoderServicer):
                     f"{MAX_PROMPT_CHARS} (only the first 77 tokens count)"
                 )
         with self.admission.slot(context.is_active):
+            # One forward pass is the encoder's whole work: skip it if the client gave up while
+            # the call waited for the model (cancelled, or its deadline passed).
+            if not context.is_active():
+                raise SamplingCancelled("cancelled before encoding")
             prompt_embeds, negative = encoder.encode(prompts)
         return pb.EncodeResponse(prompt_embeds=codec.encode(prompt_embeds),
                                  negative_prompt_embeds=codec.encode(negative))

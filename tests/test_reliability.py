@@ -1,0 +1,259 @@
+"""Nothing lost: resuming interrupted runs, refusing to mix runs, retrying overload with back-off,
+and cancellation reaching every service. In-process services with the tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from conftest import STAGE1_DIR, STAGE2_DIR
+from safetensors.torch import load_file
+from test_services import _stage1_request_static, running
+
+from anagram.v1 import anagram_pb2 as pb
+from anagram.v1 import anagram_pb2_grpc as pb_grpc
+from illusions.sampling import SamplingParams
+from orchestrator.cli import main as cli_main
+from orchestrator.client import CascadeClient, ServiceError, open_channel
+from orchestrator.pipeline import GenerateConfig, RunMismatchError, generate
+from services.common import codec
+from services.common.server import Admission, ModelHandle, ServerConfig, serve
+from services.encoder.server import EncoderServicer
+
+# Small enough for 2 CPU cores: stage 2 at 256 px costs about a second a step here.
+PARAMS = SamplingParams(num_inference_steps=2, guidance_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def services() -> Iterator[dict[str, str]]:
+    with running("encoder", str(STAGE1_DIR)) as enc, running("stage1", str(STAGE1_DIR)) as s1, \
+            running("stage2", str(STAGE2_DIR)) as s2:
+        yield {"encoder": enc, "stage1": s1, "stage2": s2}
+
+
+class CountingClient(CascadeClient):
+    """Counts stage calls; ``interrupt_at``: the stage-2 call (1-based) that is 'Ctrl-C'ed."""
+
+    def __init__(self, services: dict[str, str], interrupt_at: int | None = None) -> None:
+        super().__init__(services["encoder"], services["stage1"], services["stage2"], timeout=120)
+        self.calls = {"stage1": 0, "stage2": 0}
+        self.interrupt_at = interrupt_at
+
+    def stage1(self, request, progress=None):  # noqa: ANN001
+        self.calls["stage1"] += 1
+        return super().stage1(request, progress)
+
+    def stage2(self, request, progress=None):  # noqa: ANN001
+        self.calls["stage2"] += 1
+        if self.calls["stage2"] == self.interrupt_at:
+            raise KeyboardInterrupt
+        return super().stage2(request, progress)
+
+
+def job(tmp_path: Path, **changes: object) -> GenerateConfig:
+    base = GenerateConfig(prompts=("a waterfall", "a deer"), views=("identity", "flip"),
+                          name="run", save_dir=tmp_path, num_samples=3, params=PARAMS,
+                          save_tensors=True)
+    return replace(base, **changes)
+
+
+def done_in(run: Path) -> list[int]:
+    return json.loads((run / "metadata.json").read_text())["samples_done"]
+
+
+# ---------------------------------------------------------------------------------- resume
+
+
+def test_interrupted_run_resumes_with_the_same_command(services, tmp_path):
+    config = job(tmp_path)
+    run = config.run_dir
+    # 1. Interrupted while sample 1 is in stage 2: sample 0 is kept, nothing of sample 1 is.
+    with CountingClient(services, interrupt_at=2) as client, pytest.raises(KeyboardInterrupt):
+        generate(config, client, progress=False)
+    assert (run / "0000" / "tensors.safetensors").is_file()
+    assert not (run / "0001").exists() and not list(run.glob(".*partial"))
+    assert done_in(run) == [0]
+    first = (run / "0000").stat().st_ino
+
+    # 2. The same command again: sample 0 is skipped, 1 and 2 are made.
+    with CountingClient(services) as client:
+        folders = generate(config, client, progress=False)
+        assert client.calls == {"stage1": 2, "stage2": 2}
+    assert folders == [run / "0000", run / "0001", run / "0002"]
+    assert (run / "0000").stat().st_ino == first, "a finished sample was redone"
+    assert done_in(run) == [0, 1, 2]
+
+    # 3. The redone sample equals an undisturbed run of it.
+    with CountingClient(services) as client:
+        generate(job(tmp_path, name="undisturbed", seed=1, num_samples=1), client, progress=False)
+    resumed = load_file(str(run / "0001" / "tensors.safetensors"))
+    undisturbed = load_file(str(tmp_path / "undisturbed" / "0001" / "tensors.safetensors"))
+    for key in ("stage_1", "stage_2"):
+        assert torch.equal(resumed[key], undisturbed[key]), key
+
+    # 4. Nothing left to do: no call at all; more samples later only make the new ones.
+    with CountingClient(services) as client:
+        generate(config, client, progress=False)
+        assert client.calls == {"stage1": 0, "stage2": 0}
+
+
+def test_a_different_command_does_not_mix_into_a_run(services, tmp_path):
+    config = job(tmp_path, num_samples=1, save_tensors=False)
+    with CountingClient(services) as client:
+        generate(config, client, progress=False)
+        for changes, what in (({"params": replace(PARAMS, guidance_scale=4.0)}, "sampling"),
+                              ({"views": ("identity", "rotate_180")}, "views"),
+                              ({"prompts": ("a waterfall", "a cat")}, "prompts"),
+                              ({"style": "an oil painting of"}, "prompts")):
+            with pytest.raises(RunMismatchError, match=f"its {what} differ") as info:
+                generate(replace(config, **changes), client, progress=False)
+            assert "--name" in str(info.value) and "--overwrite" in str(info.value)
+        assert client.calls["stage1"] == 1, "a refused command sampled"
+
+        # Other models: found once the services have said what they hold.
+        meta = json.loads((config.run_dir / "metadata.json").read_text())
+        meta["models"]["stage2"]["model"] = "DeepFloyd/IF-II-L-v1.0"
+        (config.run_dir / "metadata.json").write_text(json.dumps(meta))
+        with pytest.raises(RunMismatchError, match="its models differ"):
+            generate(config, client, progress=False)
+
+        # --overwrite replaces the earlier run.
+        other = replace(config, views=("identity", "rotate_180"), overwrite=True)
+        generate(other, client, progress=False)
+        meta = json.loads((config.run_dir / "metadata.json").read_text())
+        assert meta["views"][1]["name"] == "rotate_180" and meta["samples_done"] == [0]
+        # More samples of the same run are fine: only the new one is made.
+        calls = client.calls["stage1"]
+        generate(replace(other, overwrite=False, num_samples=2), client, progress=False)
+        assert client.calls["stage1"] == calls + 1
+        assert json.loads((config.run_dir / "metadata.json").read_text())["samples_done"] == [0, 1]
+
+
+def test_cli_refuses_another_run_in_one_line(services, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "0000").mkdir()  # samples of unknown origin
+    code = cli_main(["generate", "--prompts", "a", "b", "--views", "identity", "flip",
+                     "--save-dir", str(tmp_path), "--name", "run", "--encoder",
+                     services["encoder"], "--stage1", services["stage1"], "--stage2",
+                     services["stage2"]])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "no metadata.json" in lines[0] and "--overwrite" in lines[0]
+
+
+# --------------------------------------------------------------------------------- overload
+
+
+def test_overload_is_retried_after_the_servers_hint():
+    with running("stage1", str(STAGE1_DIR), max_queue=0) as address:
+        with open_channel(address) as channel, \
+                CascadeClient(address, address, address, timeout=60, retry_timeout=30) as client:
+            busy = pb_grpc.Stage1Stub(channel).Sample(_stage1_request_static(6), timeout=60)
+            next(busy)  # running now, holding the only slot
+            started = time.monotonic()
+            image, _ = client.stage1(_stage1_request_static(1))  # refused, waits, retried
+            waited = time.monotonic() - started
+            assert list(busy)[-1].HasField("result")
+            assert image.shape == (1, 3, 64, 64)
+            assert client.retries["stage1"] >= 1
+            assert waited >= 2.0  # the server's retry-after-ms hint (2000) was honoured
+
+            # Bounded: a budget shorter than the hint gives up at once, with a clear error.
+            busy = pb_grpc.Stage1Stub(channel).Sample(_stage1_request_static(200), timeout=60)
+            next(busy)
+            impatient = CascadeClient(address, address, address, timeout=60, retry_timeout=1)
+            with impatient, pytest.raises(ServiceError, match="stayed overloaded") as info:
+                impatient.stage1(_stage1_request_static(1))
+            busy.cancel()
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"stage1 at {address}" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- cancellation
+
+
+class _SlowT5:
+    """A text encoder whose one forward pass takes ``seconds``; counts the passes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, 0
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return torch.zeros(len(prompts), 77, 4), torch.zeros(1, 77, 4)
+
+
+@contextmanager
+def slow_encoder(model: _SlowT5) -> Iterator[str]:
+    config = ServerConfig(service="encoder", model="slow", grace_s=0.5)
+    handle: ModelHandle[_SlowT5] = ModelHandle("encoder")
+    servicer = EncoderServicer(handle, Admission(1, 4))  # type: ignore[arg-type]
+    stop, ready, address = threading.Event(), threading.Event(), []
+
+    def load() -> pb.ModelInfo:
+        handle.set(model, pb.ModelInfo(service="encoder"))
+        return handle.info
+
+    thread = threading.Thread(target=serve, daemon=True, args=(
+        config, lambda s: pb_grpc.add_EncoderServicer_to_server(servicer, s), load,
+        lambda line: (address.append(line.rsplit(" ", 1)[-1]), ready.set()), stop))
+    thread.start()
+    assert ready.wait(30)
+    try:
+        yield address[0]
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_encoder_skips_calls_cancelled_or_expired_while_queued():
+    """The encoder's work is one forward pass: a call whose deadline passes or that the client
+    cancels while it waits for the model never runs it."""
+    model = _SlowT5(1.5)
+    with slow_encoder(model) as address, open_channel(address) as channel:
+        stub = pb_grpc.EncoderStub(channel)
+        first = stub.Encode.future(pb.EncodeRequest(prompts=["a"]), timeout=10)
+        time.sleep(0.3)  # the first call holds the model
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Encode(pb.EncodeRequest(prompts=["b"]), timeout=0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        cancelled = stub.Encode.future(pb.EncodeRequest(prompts=["c"]), timeout=10)
+        time.sleep(0.2)
+        cancelled.cancel()
+        assert first.result().prompt_embeds.shape == [1, 77, 4]
+        time.sleep(0.5)  # the queued calls would run now
+        assert model.calls == 1
+        assert stub.Encode(pb.EncodeRequest(prompts=["d"]), timeout=10).prompt_embeds.shape[0] == 1
+        assert model.calls == 2
+
+
+def test_stage2_cancel_stops_within_a_step(services, caplog):
+    caplog.set_level(logging.DEBUG, logger="services.common.server")
+    prompt = codec.encode(torch.zeros(2, 77, 32))
+    request = pb.Stage2Request(
+        image=codec.encode(torch.zeros(1, 3, 64, 64)), prompt_embeds=prompt,
+        negative_prompt_embeds=codec.encode(torch.zeros(1, 77, 32)),
+        views=[pb.ViewSpec(name="identity"), pb.ViewSpec(name="flip")],
+        params=pb.SamplingParams(num_inference_steps=500, guidance_scale=3, noise_level=50))
+    with open_channel(services["stage2"]) as channel:
+        stub = pb_grpc.Stage2Stub(channel)
+        call = stub.Sample(request, timeout=120)
+        seen = next(call).progress.step  # step 1 done
+        call.cancel()
+        time.sleep(4.0)  # a few steps' time
+        steps = [r.args[0] for r in caplog.records
+                 if r.getMessage().startswith("step ") and r.args[1] == 500]
+        # Free again: a short call runs to the end.
+        request.params.num_inference_steps = 1
+        assert list(stub.Sample(request, timeout=60))[-1].HasField("result")
+    assert seen >= 1 and max(steps) <= seen + 1, f"ran on to step {max(steps)} after {seen}"
