@@ -11,7 +11,8 @@ case of one model holds the same weights) and then measured as a service is from
 - the stage's time (30 steps, after one warm-up call that captures the CUDA graph);
 - max and mean |Δ| of the output against the fp16 case of the same model and views.
 
-A case is ``SERVICE/MODEL/QUANTIZE/VIEWS[/MAX_BATCH]``, e.g. ``stage2/IF-II-M/int8/4/2``;
+A case is ``SERVICE/MODEL/QUANTIZE/VIEWS[/MAX_BATCH[/graph|eager]]``, e.g.
+``stage2/IF-II-M/int8/4/2``;
 SERVICE is encoder, stage1 or stage2; MODEL a folder of bench/model-configs/DeepFloyd without
 ``-v1.0`` (or T5-XXL); QUANTIZE none, int8, 8bit or 4bit. Usage::
 
@@ -47,13 +48,17 @@ class Case:
     quantize: str
     views: int
     max_batch: int = 0
+    mode: str = "graph"  # graph: UNet calls replayed from CUDA graphs (the default); eager
 
     @classmethod
     def parse(cls, text: str) -> Case:
         parts = text.split("/")
-        if len(parts) not in (4, 5):
-            raise SystemExit(f"bad case {text!r}: use SERVICE/MODEL/QUANTIZE/VIEWS[/MAX_BATCH]")
-        return cls(parts[0], parts[1], parts[2], int(parts[3]), int(parts[4]) if parts[4:] else 0)
+        if len(parts) not in (4, 5, 6) or parts[5:] not in ([], ["graph"], ["eager"]):
+            raise SystemExit(
+                f"bad case {text!r}: use SERVICE/MODEL/QUANTIZE/VIEWS[/MAX_BATCH[/graph|eager]]"
+            )
+        return cls(parts[0], parts[1], parts[2], int(parts[3]), int(parts[4]) if parts[4:] else 0,
+                   *parts[5:])
 
     @property
     def name(self) -> str:
@@ -62,7 +67,7 @@ class Case:
     @property
     def reference(self) -> Case:
         """The fp16 case this one is compared with."""
-        return Case(self.service, self.model, "none", self.views, 0)
+        return Case(self.service, self.model, "none", self.views)
 
     @property
     def directory(self) -> str:
@@ -97,7 +102,7 @@ def _child(case: Case, steps: int, output: Path) -> dict[str, Any]:
     else:
         config = ServerConfig(case.service, case.directory, device="cuda", dtype="float16",
                               quantize=case.quantize, random_weights=True,
-                              max_batch=case.max_batch)
+                              max_batch=case.max_batch, cuda_graphs=case.mode == "graph")
         stage = load_stage(config, 1 if case.service == "stage1" else 2)
     result["load_s"] = time.perf_counter() - t0
     torch.cuda.synchronize()
@@ -157,10 +162,13 @@ def _child(case: Case, steps: int, output: Path) -> dict[str, Any]:
     return result
 
 
-def run_case(case: Case, steps: int, outputs: Path, alloc_conf: str = "") -> dict[str, Any]:
+def run_case(case: Case, steps: int, outputs: Path, alloc_conf: str) -> dict[str, Any]:
     """Run ``case`` in a fresh process while sampling its nvidia-smi figure."""
     output = outputs / (case.name.replace("/", "_") + ".pt")
-    env = os.environ | ({"PYTORCH_CUDA_ALLOC_CONF": alloc_conf} if alloc_conf else {})
+    env = dict(os.environ)
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    if alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
     with tempfile.NamedTemporaryFile(suffix=".json") as report, GpuMemorySampler(0.1) as sampler:
         proc = subprocess.run(
             [sys.executable, "-m", "bench.memory", "--child", case.name, "--steps", str(steps),
@@ -183,8 +191,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=[])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--alloc-conf", default="",
-                        help="PYTORCH_CUDA_ALLOC_CONF for the cases, e.g. expandable_segments:True")
+    parser.add_argument("--alloc-conf", default="expandable_segments:True",
+                        help="PYTORCH_CUDA_ALLOC_CONF for the cases (default: what `illusion serve` "
+                             "sets; '' for PyTorch's own default)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-output", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-report", type=Path, default=None, help=argparse.SUPPRESS)
