@@ -376,6 +376,11 @@ def _skew_shifts(width: int, height: int, skew_factor: float) -> list[int]:
     return [int(skew_factor * (i - centre)) for i in range(width)]
 
 
+# Shifts wrap around the image, so large factors only alias smaller ones; beyond this the
+# per-column shifts no longer fit in 64-bit integers.
+MAX_SKEW_FACTOR = 1000.0
+
+
 class SkewView(PermutationView):
     name = "skew"
     description = "Columns rolled vertically by amounts growing across the image (a shear)."
@@ -385,8 +390,9 @@ class SkewView(PermutationView):
 
     def __init__(self, skew_factor: float = 1.5) -> None:
         super().__init__()
-        if not math.isfinite(skew_factor):
-            raise ViewError(f"skew_factor must be a finite number, got {skew_factor}")
+        if not math.isfinite(skew_factor) or abs(skew_factor) > MAX_SKEW_FACTOR:
+            raise ViewError(f"skew_factor must be a finite number from -{MAX_SKEW_FACTOR:g} to "
+                            f"{MAX_SKEW_FACTOR:g} (1.5 is usual), got {skew_factor}")
         # At the 64x64 stage-1 size the largest |i - H//2| is 32: a smaller factor moves nothing,
         # and the "illusion" would be the plain image.
         if not any(_skew_shifts(BASE_SIZE, BASE_SIZE, skew_factor)):
@@ -490,6 +496,11 @@ class PixelPermuteView(PatchPermuteView):
         super().__init__(num_patches, generator=generator, seed=seed)
 
 
+# A layout of G x G pieces takes O(G^2) memory and time to draw (64: 0.2 s); a bigger grid is a
+# mistake (64 px images have no pieces smaller than a pixel) and could exhaust a server's memory.
+MAX_JIGSAW_GRID = 64
+
+
 class JigsawView(PermutationView):
     """Jigsaw puzzle: pieces with round tabs, rearranged and turned by quarter turns.
 
@@ -501,14 +512,14 @@ class JigsawView(PermutationView):
 
     name = "jigsaw"
     description = "Jigsaw puzzle pieces rearranged and rotated."
-    args = (ViewArg("grid", int, 4, "pieces per side; >= 2 and must divide the image size"),)
+    args = (ViewArg("grid", int, 4, "pieces per side; 2 .. 64 and must divide the image size"),)
 
     def __init__(self, grid: int = 4, *, seed: int = 0) -> None:
         super().__init__()
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+        if isinstance(grid, bool) or not isinstance(grid, int) or not 2 <= grid <= MAX_JIGSAW_GRID:
             raise ViewError(
-                f"jigsaw grid must be an integer >= 2 that divides the image size (e.g. 2, 4, 8 "
-                f"for 64/256/1024 images), got {grid!r}"
+                f"jigsaw grid must be an integer >= 2 and <= {MAX_JIGSAW_GRID} that divides the image "
+                f"size (e.g. 2, 4, 8 for 64/256/1024 images), got {grid!r}"
             )
         self.grid = grid
         self.seed = seed

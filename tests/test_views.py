@@ -554,6 +554,8 @@ def test_unknown_view_lists_valid_ones():
         ("scale", ["0"], "> 0"),
         ("scale", ["inf"], "finite"),
         ("jigsaw", ["1"], ">= 2"),
+        ("jigsaw", ["100000000"], "<= 64"),  # would draw a layout of 10^16 pieces
+        ("skew", ["1e30"], "1000"),  # shifts beyond 64-bit integers
     ],
 )
 def test_bad_arguments(name: str, args: list[str], needle: str):

@@ -21,6 +21,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_DIMS = 8  # no tensor of the contract has more; torch refuses absurd shapes with a RuntimeError
+MAX_DIM_SIZE = 2**31 - 1  # per dimension (a message cannot carry more bytes than this anyway)
 
 # The wire is little-endian; torch.frombuffer reads native order.
 assert sys.byteorder == "little", "the tensor codec assumes a little-endian host"
@@ -47,8 +49,13 @@ def decode(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
         )
     dtype = DTYPES[message.dtype]
     shape = list(message.shape)
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"{field} has {len(shape)} dimensions: tensors have at most {MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise CodecError(f"{field}.shape={shape} has a negative dimension")
+    if any(d > MAX_DIM_SIZE for d in shape):
+        raise CodecError(f"{field}.shape={shape} has a dimension above {MAX_DIM_SIZE}: no message "
+                         "is that large")
     count = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(message.data) != count * itemsize:

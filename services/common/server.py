@@ -70,6 +70,45 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger requests get RESOURCE_EXHAUSTED
 
 
+class RequestDecodeErrors(grpc.ServerInterceptor):
+    """Bytes that do not parse as the method's request message get INVALID_ARGUMENT.
+
+    gRPC itself answers them with INTERNAL ("Exception deserializing request!"), which reads like
+    a server bug; here the request is parsed inside the handler instead, so the client learns that
+    its message was malformed. Streaming requests (reflection) are left to gRPC.
+    """
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
+                                                       grpc.RpcMethodHandler | None],
+                          details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        def request_of(raw: bytes, context: grpc.ServicerContext) -> Any:
+            try:
+                return parse(raw)
+            except Exception as exc:  # noqa: BLE001 - DecodeError and friends: the client's bytes
+                logger.warning("%s refused: request does not parse (%s)", method, exc)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request is not a valid {method} message ({exc}): send the "
+                              "message of anagram/v1/anagram.proto")
+
+        if handler.response_streaming:
+            def unary_stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+                yield from handler.unary_stream(request_of(raw, context), context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, response_serializer=handler.response_serializer)
+
+        def unary_unary(raw: bytes, context: grpc.ServicerContext) -> Any:
+            return handler.unary_unary(request_of(raw, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, response_serializer=handler.response_serializer)
+
+
 def create_server(address: str, max_workers: int = 16, security: ServerSecurity | None = None,
                   max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
     """A gRPC server bound to ``address`` (port 0 picks one). Returns (server, port).
@@ -78,7 +117,7 @@ def create_server(address: str, max_workers: int = 16, security: ServerSecurity 
     """
     security = security or ServerSecurity()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=security.interceptors(),
+                         interceptors=[*security.interceptors(), RequestDecodeErrors()],
                          options=message_options(max_message_bytes))
     credentials = security.credentials()
     if credentials is None:
