@@ -178,6 +178,27 @@ def test_overload_is_retried_after_the_servers_hint():
     assert f"stage1 at {address}" in str(info.value)
 
 
+# ------------------------------------------------------------------------ a service that is gone
+
+
+def test_a_service_that_stays_away_is_a_clear_error_after_retry_timeout():
+    """One replica, gone for good: the client waits --retry-timeout for it, then names it."""
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    with CascadeClient(address, address, address, timeout=30, retry_timeout=2) as client, \
+            pytest.raises(ServiceError) as info:
+        client.stage2(pb.Stage2Request())
+    waited = time.monotonic() - started
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert f"stage2 at {address} is unavailable" in str(info.value)
+    assert "did not come back within 2 s (--retry-timeout)" in str(info.value)
+    assert 2 <= waited < 10
+
+
 # ----------------------------------------------------------------------------- cancellation
 
 
