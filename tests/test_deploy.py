@@ -1,7 +1,7 @@
 """Deployment files, checked without a container engine.
 
 1. The health probe the images and pods run, against real in-process gRPC servers (plaintext,
-   bearer token, mutual TLS with certificates from deploy/make-certs.sh).
+   bearer token, mutual TLS with certificates from docker/make-certs.sh).
 2. Lints: Dockerfiles with hadolint, the compose file with the compose-spec JSON schema and with
    compose's own loader (`docker-compose config`), Kubernetes manifests with their OpenAPI
    schemas (kubernetes-validate, strict). All offline: the tools and schemas come from PyPI
@@ -42,9 +42,8 @@ from services.common.server import SERVICE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
-DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
-COMPOSE = DEPLOY / "compose.yaml"
+K8S = DOCKER / "k8s"
+COMPOSE = DOCKER / "compose.yaml"
 PORTS = {"encoder": 50051, "stage1": 50052, "stage2": 50053}
 # The image of each service: (Dockerfile, build target).
 IMAGES = {
@@ -200,7 +199,7 @@ def certs(tmp_path_factory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     out = tmp_path_factory.mktemp("certs")
-    done = run("bash", str(DEPLOY / "make-certs.sh"), str(out), "illusion")
+    done = run("bash", str(DOCKER / "make-certs.sh"), str(out), "illusion")
     assert done.returncode == 0, done.stderr
     return out
 
@@ -405,7 +404,7 @@ def test_compose_config():
     compose_bin = tool("docker-compose")
     for profile in ([], ["--profile", "cli"]):
         done = subprocess.run([compose_bin, "-f", str(COMPOSE), *profile, "config", "--quiet"],
-                              cwd=DEPLOY, capture_output=True, text=True, timeout=60, env=env)
+                              cwd=DOCKER, capture_output=True, text=True, timeout=60, env=env)
         assert done.returncode == 0, done.stderr
 
 
@@ -645,6 +644,6 @@ def test_tls_and_token_flags_exist():
 def test_deploy_doc_is_linked():
     assert "docs/deploy.md" in (ROOT / "README.md").read_text()
     text = (ROOT / "docs" / "deploy.md").read_text()
-    for path in ("deploy/compose.yaml", "deploy/k8s", "deploy/make-certs.sh",
+    for path in ("docker/compose.yaml", "docker/k8s", "docker/make-certs.sh",
                  "docker/Dockerfile.encoder", "docker/Dockerfile.gpu"):
         assert path in text, f"docs/deploy.md does not mention {path}"

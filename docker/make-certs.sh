@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A private CA and the certificates Illusion Relay's services and clients need (docs/deploy.md).
-#   deploy/make-certs.sh OUT_DIR [NAMESPACE]
+#   docker/make-certs.sh OUT_DIR [NAMESPACE]
 # writes OUT_DIR/ca.crt, ca.key (keep it offline), server.crt/.key and client.crt/.key.
 # The server certificate names the three Kubernetes Services (NAMESPACE, default "illusion"), the
 # compose service names and localhost (the in-pod probes), and may act as a client too: the probe
