@@ -303,6 +303,9 @@ class UNetStage:
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """UNet output (B, 6, H, W) for (B, C, H, W) rows, replayed from a CUDA graph if enabled.
 
+        ``timestep`` is one for all rows (0-d) or one per row (B,), as samples batched together
+        are at different steps.
+
         With ``max_batch`` set, the rows go through the UNet in chunks of at most that many, which
         bounds activation memory (the results differ from one big batch only by float rounding).
         """
@@ -311,10 +314,11 @@ class UNetStage:
         for start in range(0, sample.shape[0], step):
             rows = slice(start, start + step)
             labels = None if class_labels is None else class_labels[rows]
+            t = timestep[rows] if torch.is_tensor(timestep) and timestep.ndim else timestep
             if self.graphed is not None:
-                outputs.append(self.graphed(sample[rows], timestep, embeds[rows], labels))
+                outputs.append(self.graphed(sample[rows], t, embeds[rows], labels))
             else:
-                outputs.append(self.unet(sample[rows], timestep, encoder_hidden_states=embeds[rows],
+                outputs.append(self.unet(sample[rows], t, encoder_hidden_states=embeds[rows],
                                          class_labels=labels, return_dict=False)[0])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 

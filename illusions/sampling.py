@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +198,79 @@ def _prepare_reference(ref_image: torch.Tensor | None, views: Sequence[View], si
 # The denoising loop, shared by both stages
 
 
+@dataclass
+class UNetCall:
+    """The UNet work of one sample's denoising step, as a job yields it.
+
+    ``sample`` (2V, C, H, W) rows (negative prompts, then positive), ``timestep`` 0-d, ``embeds``
+    (2V, T, D), ``class_labels`` (2V,) or None. The job is sent back the UNet output for these rows,
+    (2V, 2C', H, W).
+    """
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    embeds: torch.Tensor
+    class_labels: torch.Tensor | None
+
+    @property
+    def rows(self) -> int:
+        return int(self.sample.shape[0])
+
+
+# A sample's whole denoising loop as a coroutine: it yields one UNetCall per step, is sent the
+# UNet's output for it, and returns the final image. Several jobs can then share UNet calls.
+DenoiseJob = Generator[UNetCall, torch.Tensor, torch.Tensor]
+
+
+def run_job(stage: UNetStage, job: DenoiseJob) -> torch.Tensor:
+    """Run one job alone: each step's rows in one UNet call (or ``stage.max_batch`` chunks)."""
+    with torch.no_grad():
+        call = next(job)
+        while True:
+            out = stage.predict(call.sample, call.timestep, call.embeds, call.class_labels)
+            try:
+                call = job.send(out)
+            except StopIteration as done:
+                return done.value
+
+
+def run_batched(stage: UNetStage, jobs: Sequence[DenoiseJob]) -> list[torch.Tensor | BaseException]:
+    """Run several jobs together: every step, the rows of all unfinished jobs go through the UNet
+    in one call (chunked by ``stage.max_batch``), each row with its own sample's timestep, so jobs
+    need not have the same number of steps. Each job keeps its own generator; its result equals
+    :func:`run_job`'s up to float rounding of the larger batch.
+
+    Returns one entry per job: its image, or the exception it raised (e.g. SamplingCancelled),
+    which ends that job only.
+    """
+    results: list[torch.Tensor | BaseException | None] = [None] * len(jobs)
+    pending: dict[int, UNetCall] = {}
+
+    def advance(k: int, out: torch.Tensor | None) -> None:
+        try:
+            pending[k] = next(jobs[k]) if out is None else jobs[k].send(out)
+        except StopIteration as done:
+            results[k] = done.value
+        except Exception as exc:  # noqa: BLE001 - one job's failure is that job's result
+            results[k] = exc
+
+    with torch.no_grad():
+        for k in range(len(jobs)):
+            advance(k, None)
+        while pending:
+            keys, calls = list(pending), list(pending.values())
+            pending.clear()
+            sample = torch.cat([c.sample for c in calls])
+            timestep = torch.cat([c.timestep.reshape(-1).expand(c.rows) for c in calls])
+            embeds = torch.cat([c.embeds for c in calls])
+            labels = (None if calls[0].class_labels is None
+                      else torch.cat([c.class_labels for c in calls]))
+            out = stage.predict(sample, timestep, embeds, labels)
+            for k, part in zip(keys, out.split([c.rows for c in calls]), strict=True):
+                advance(k, part)
+    return results  # type: ignore[return-value]
+
+
 def _denoise(
     stage: UNetStage,
     noisy: torch.Tensor,  # (1, 3, H, W) x_T
@@ -209,7 +283,7 @@ def _denoise(
     ref: torch.Tensor | None,  # (3, H, W) reference image (inverse problems)
     callback: ProgressCallback | None,
     should_stop: StopCheck | None,
-) -> torch.Tensor:
+) -> DenoiseJob:
     # A private scheduler (set_timesteps mutates it; a service may run calls concurrently), with
     # its timesteps on the CPU so that its scalar bookkeeping never waits for the GPU.
     scheduler = copy.deepcopy(stage.scheduler)
@@ -251,7 +325,7 @@ def _denoise(
         model_input = scheduler.scale_model_input(torch.cat([viewed, viewed]), t)
 
         # 3. One UNet call for all views, negative and positive prompts.
-        out = stage.predict(model_input, unet_timesteps[i], embeds, class_labels)  # (2V, 6, H, W)
+        out = yield UNetCall(model_input, unet_timesteps[i], embeds, class_labels)  # (2V, 6, H, W)
 
         # 4. Map each estimate back through its view's inverse, then guide.
         out = invert_views(views, out.unflatten(0, (2, len(views))))  # (2, V, 6, H, W)
@@ -294,7 +368,7 @@ def _initial_noise(stage: UNetStage, channels: int, generator: torch.Generator) 
 
 
 @torch.no_grad()
-def sample_stage_1(
+def stage_1_job(
     stage: UNetStage,
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor,
@@ -305,8 +379,10 @@ def sample_stage_1(
     ref_image: torch.Tensor | None = None,
     callback: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
-) -> torch.Tensor:
-    """Sample a multi-view illusion at the IF-I resolution.
+) -> DenoiseJob:
+    """A job that samples a multi-view illusion at the IF-I resolution (run it with
+    :func:`run_job`, or with others through :func:`run_batched`). Inputs are checked, and x_T drawn,
+    when the job is made.
 
     Args:
         prompt_embeds: (V, 77, D), one prompt per view, in view order.
@@ -328,8 +404,13 @@ def sample_stage_1(
                     should_stop)
 
 
+def sample_stage_1(stage: UNetStage, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Sample one stage-1 illusion (arguments and result as :func:`stage_1_job`)."""
+    return run_job(stage, stage_1_job(stage, *args, **kwargs))
+
+
 @torch.no_grad()
-def sample_stage_2(
+def stage_2_job(
     stage: UNetStage,
     image: torch.Tensor,
     prompt_embeds: torch.Tensor,
@@ -341,8 +422,9 @@ def sample_stage_2(
     ref_image: torch.Tensor | None = None,
     callback: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
-) -> torch.Tensor:
-    """Super-resolve a stage-1 illusion to the IF-II resolution, through the same views.
+) -> DenoiseJob:
+    """A job that super-resolves a stage-1 illusion to the IF-II resolution, through the same
+    views (run as :func:`stage_1_job`'s). Inputs are checked, and the noise drawn, when it is made.
 
     Args:
         image: (1, 3, s, s) stage-1 output (any s; upscaled bilinearly to the UNet's size).
@@ -379,3 +461,8 @@ def sample_stage_2(
     ref = _prepare_reference(ref_image, views, size, noisy)
     return _denoise(stage, noisy, embeds, views, params, generator, upscaled, class_labels, ref,
                     callback, should_stop)
+
+
+def sample_stage_2(stage: UNetStage, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Super-resolve one stage-1 illusion (arguments and result as :func:`stage_2_job`)."""
+    return run_job(stage, stage_2_job(stage, *args, **kwargs))

@@ -1,0 +1,98 @@
+"""Several samples sharing UNet calls step by step: each keeps its own generator, and the batched
+result equals the sample run alone (up to the float rounding of a larger batch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from illusions.sampling import (
+    SamplingCancelled,
+    SamplingParams,
+    new_generator,
+    run_batched,
+    run_job,
+    stage_1_job,
+    stage_2_job,
+)
+from illusions.views import build_views
+
+TOLERANCE = 1e-4  # fp32 on the CPU; the fidelity contract allows 1e-3
+
+
+@pytest.fixture(scope="module")
+def prompts(text_encoder):
+    two, negative = text_encoder.encode(["a waterfall", "a deer"])
+    three, _ = text_encoder.encode(["an owl", "a cat", "a teapot"])
+    return two, three, negative
+
+
+def _stage_1_jobs(stage1, prompts, stop_after: int | None = None):
+    """Three samples that differ in seed, views, step count and guidance."""
+    two, three, negative = prompts
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return stop_after is not None and calls["n"] > stop_after
+
+    return [
+        stage_1_job(stage1, two, negative, build_views(["identity", "flip"]), new_generator(1),
+                    SamplingParams(num_inference_steps=5, guidance_scale=3.0)),
+        stage_1_job(stage1, three, negative, build_views(["identity", "rotate_cw", "negate"]),
+                    new_generator(2), SamplingParams(num_inference_steps=3, guidance_scale=2.0),
+                    should_stop=stop),
+        stage_1_job(stage1, two, negative, build_views(["identity", "jigsaw"]), new_generator(3),
+                    SamplingParams(num_inference_steps=4, guidance_scale=3.0, reduction="alternate")),
+    ]
+
+
+def test_stage_1_batched_equals_alone(stage1, prompts):
+    alone = [run_job(stage1, job) for job in _stage_1_jobs(stage1, prompts)]
+    batched = run_batched(stage1, _stage_1_jobs(stage1, prompts))
+    for a, b in zip(alone, batched, strict=True):
+        assert isinstance(b, torch.Tensor)
+        assert (a - b).abs().max() <= TOLERANCE
+    # Different seeds, views and steps really are different pictures.
+    assert (alone[0] - alone[2]).abs().max() > 0.1
+
+
+def test_stage_1_batched_in_chunks(stage1, prompts):
+    """A bound on rows per UNet call (max_batch) splits the shared batch, not the result."""
+    alone = [run_job(stage1, job) for job in _stage_1_jobs(stage1, prompts)]
+    stage1.max_batch = 3
+    try:
+        batched = run_batched(stage1, _stage_1_jobs(stage1, prompts))
+    finally:
+        stage1.max_batch = 0
+    for a, b in zip(alone, batched, strict=True):
+        assert (a - b).abs().max() <= TOLERANCE
+
+
+def test_stage_2_batched_equals_alone(stage2, prompts):
+    two, three, negative = prompts
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def jobs():
+        return [
+            stage_2_job(stage2, image, two, negative, build_views(["identity", "flip"]),
+                        new_generator(1), SamplingParams(num_inference_steps=4, guidance_scale=3.0,
+                                                         noise_level=50)),
+            stage_2_job(stage2, -image, three, negative,
+                        build_views(["identity", "rotate_180", "flip"]), new_generator(2),
+                        SamplingParams(num_inference_steps=3, guidance_scale=2.0, noise_level=100)),
+        ]
+
+    alone = [run_job(stage2, job) for job in jobs()]
+    batched = run_batched(stage2, jobs())
+    for a, b in zip(alone, batched, strict=True):
+        assert isinstance(b, torch.Tensor)
+        assert (a - b).abs().max() <= TOLERANCE
+
+
+def test_a_cancelled_job_ends_alone(stage1, prompts):
+    alone = [run_job(stage1, job) for job in _stage_1_jobs(stage1, prompts)]
+    batched = run_batched(stage1, _stage_1_jobs(stage1, prompts, stop_after=1))
+    assert isinstance(batched[1], SamplingCancelled)
+    for k in (0, 2):
+        assert (alone[k] - batched[k]).abs().max() <= TOLERANCE
