@@ -22,7 +22,7 @@ from anagram.v1 import anagram_pb2_grpc as pb_grpc
 from services.common import codec
 from services.common.errors import RETRY_AFTER_KEY
 from services.common.security import ClientSecurity
-from services.common.server import GRPC_OPTIONS, SERVICE_NAMES
+from services.common.server import GRPC_OPTIONS, KEEPALIVE_S, SERVICE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +75,16 @@ def grpc_target(addresses: str) -> str:
     raise ValueError(f"replica list {addresses!r} mixes IPv4 and IPv6 addresses")
 
 
-# Reconnect quickly once a replica is back (gRPC's default backoff grows to 120 s between tries).
+# Reconnect quickly once a replica is back (gRPC's default backoff grows to 120 s between tries),
+# and ping during calls so that a replica whose host vanished (no TCP reset) fails the call in
+# about 2 x KEEPALIVE_S seconds, when it is retried elsewhere, instead of at the deadline.
 RECONNECT_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_S * 1000),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 

@@ -44,11 +44,11 @@ class Replica:
     """``illusion serve KIND`` as a process; its DEBUG log is read to know when it is sampling."""
 
     def __init__(self, kind: str, model: Path, port: int = 0, *extra: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "serve", kind, "--model", str(model),
-             "--port", str(port), *extra],
+            [*prefix, sys.executable, "-m", "orchestrator.cli", "serve", kind, "--model",
+             str(model), "--port", str(port), *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "ILLUSION_LOG_LEVEL": "DEBUG", **(env or {})},
         )

@@ -41,6 +41,14 @@ def message_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]
 
 
 GRPC_OPTIONS: list[tuple[str, Any]] = message_options()
+# Clients ping every KEEPALIVE_S during a call (orchestrator/client.py), so a replica on a host
+# that vanished (no TCP reset ever comes) is noticed in seconds, not at the call's deadline.
+# Servers must accept those pings instead of answering GOAWAY "too_many_pings".
+KEEPALIVE_S = 10
+SERVER_KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 SERVICE_NAMES = {
     "encoder": "anagram.v1.Encoder",
     "stage1": "anagram.v1.Stage1",
@@ -118,7 +126,8 @@ def create_server(address: str, max_workers: int = 16, security: ServerSecurity 
     security = security or ServerSecurity()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=[*security.interceptors(), RequestDecodeErrors()],
-                         options=message_options(max_message_bytes))
+                         options=[*message_options(max_message_bytes),
+                                  *SERVER_KEEPALIVE_OPTIONS])
     credentials = security.credentials()
     if credentials is None:
         port = server.add_insecure_port(address)
