@@ -12,9 +12,11 @@ image size:
   centre: one random bit per orbit of edges under rotation, propagated around the orbit.  Hence a
   quarter turn maps every piece exactly onto another piece.
 * Cells (and so pieces) fall into orbits of four under the quarter turn (the centre cell of an odd
-  grid is an orbit of its own).  Within each orbit a random permutation sends the piece at orbit
-  position ``a`` to position ``p(a)``, which is done by rotating its pixels ``p(a) - a`` quarter
-  turns about the image centre.  The centre piece turns a random number of quarter turns.
+  grid is an orbit of its own).  Within each orbit a random *derangement* ``p`` (a permutation
+  with no fixed position, one of the 9 of four positions) sends the piece at orbit position ``a``
+  to position ``p(a) != a``, which is done by rotating its pixels ``p(a) - a`` quarter turns about
+  the image centre.  The centre piece turns 1, 2 or 3 quarter turns in place.  So every piece
+  moves, as in the reference's hand-drawn puzzle: none keeps both its place and its orientation.
 
 All geometry uses exact integer arithmetic on *doubled, centred* pixel coordinates
 ``X = 2 * x - (S - 1)`` (so pixel centres are integers and the image centre is 0): a quarter turn is
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import permutations
 from math import lcm
 
 import torch
@@ -38,6 +41,12 @@ import torch
 # never touch each other nor any cell other than the two sharing the edge.
 TAB_RADIUS = Fraction(1, 5)
 TAB_OFFSET = Fraction(3, 25)
+
+# The permutations of an orbit's four positions that move every position (9 of the 24), in
+# lexicographic order; a layout draws one uniformly per orbit.
+ORBIT_DERANGEMENTS: tuple[tuple[int, ...], ...] = tuple(
+    p for p in permutations(range(4)) if all(p[a] != a for a in range(4))
+)
 
 
 @dataclass(frozen=True)
@@ -86,10 +95,11 @@ def make_layout(grid: int, generator: torch.Generator) -> JigsawLayout:
 
     Args:
         grid: cells per side, >= 2.
-        generator: CPU generator supplying all randomness (tab bits, then orbit permutations).
+        generator: CPU generator supplying all randomness (tab bits, then one draw per piece
+            orbit in raster order of the orbit's first cell).
 
-    The draw is redone (from the same generator, so still deterministic) in the rare case that
-    every piece would stay in place unturned, since an identity "rearrangement" is no illusion.
+    Every piece moves: each orbit of four is deranged, and the centre piece of an odd grid turns
+    at least once.  A piece that stayed put would show the same picture in both views.
     """
     if grid < 2:
         raise ValueError(f"jigsaw grid must be >= 2, got {grid}")
@@ -111,24 +121,22 @@ def make_layout(grid: int, generator: torch.Generator) -> JigsawLayout:
     tabs = tuple(tab_of_edge[edge] for edge in _interior_edges(grid))
 
     n_cells = grid * grid
-    while True:
-        destination = [-1] * n_cells
-        quarter_turns = [0] * n_cells
-        for start in range(n_cells):
-            if destination[start] >= 0:
-                continue
-            orbit = [rotate_cell(start, grid, t) for t in range(4)]
-            if orbit[1] == start:
-                # Centre cell of an odd grid: it can only spin in place.
-                destination[start] = start
-                quarter_turns[start] = int(torch.randint(0, 4, (1,), generator=generator).item())
-                continue
-            perm = torch.randperm(4, generator=generator).tolist()
-            for pos, cell in enumerate(orbit):
-                destination[cell] = orbit[perm[pos]]
-                quarter_turns[cell] = (perm[pos] - pos) % 4
-        if any(t != 0 for t in quarter_turns):
-            break
+    destination = [-1] * n_cells
+    quarter_turns = [0] * n_cells
+    for start in range(n_cells):
+        if destination[start] >= 0:
+            continue
+        orbit = [rotate_cell(start, grid, t) for t in range(4)]
+        if orbit[1] == start:
+            # Centre cell of an odd grid: it can only spin in place, so it turns 1 to 3 quarters.
+            destination[start] = start
+            quarter_turns[start] = int(torch.randint(1, 4, (1,), generator=generator).item())
+            continue
+        choice = torch.randint(0, len(ORBIT_DERANGEMENTS), (1,), generator=generator).item()
+        perm = ORBIT_DERANGEMENTS[int(choice)]
+        for pos, cell in enumerate(orbit):
+            destination[cell] = orbit[perm[pos]]
+            quarter_turns[cell] = (perm[pos] - pos) % 4
     return JigsawLayout(grid, tabs, tuple(destination), tuple(quarter_turns))
 
 
