@@ -234,40 +234,89 @@ def run_job(stage: UNetStage, job: DenoiseJob) -> torch.Tensor:
                 return done.value
 
 
+class SharedSteps:
+    """Jobs advancing together: each :meth:`step` runs one UNet call for the pending step of every
+    unfinished job (chunked by ``stage.max_batch``), each row with its own sample's timestep, so
+    jobs may join at any step and need not have the same number of steps. Each job keeps its own
+    generator; its result equals :func:`run_job`'s up to the float rounding of a larger batch (and
+    exactly, while it runs alone). Not thread-safe: one thread drives it.
+    """
+
+    def __init__(self, stage: UNetStage) -> None:
+        self.stage = stage
+        self._jobs: dict[int, DenoiseJob] = {}
+        self._pending: dict[int, UNetCall] = {}
+        self._dones: dict[int, Callable[[torch.Tensor | BaseException], None]] = {}
+        self._next_key = 0
+        self.unet_calls = 0  # shared calls made (one per step, whatever the number of jobs)
+        self.job_steps = 0  # steps taken, summed over jobs
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, job: DenoiseJob, done: Callable[[torch.Tensor | BaseException], None]) -> None:
+        """Start ``job`` (runs it up to its first UNet call); ``done`` gets its image or exception."""
+        key, self._next_key = self._next_key, self._next_key + 1
+        self._jobs[key] = job
+        self._dones[key] = done
+        with torch.no_grad():
+            self._advance(key, None)
+
+    def _advance(self, key: int, out: torch.Tensor | None) -> None:
+        job = self._jobs[key]
+        try:
+            self._pending[key] = next(job) if out is None else job.send(out)
+            return
+        except StopIteration as finished:
+            result: torch.Tensor | BaseException = finished.value
+        except Exception as exc:  # noqa: BLE001 - one job's failure is that job's result
+            result = exc
+        del self._jobs[key]
+        self._dones.pop(key)(result)
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every job with ``error`` (e.g. the shared UNet call itself failed)."""
+        for key in list(self._jobs):
+            self._jobs.pop(key).close()
+            self._pending.pop(key, None)
+            self._dones.pop(key)(error)
+
+    def step(self) -> None:
+        """One UNet call for every pending job, and each job on to its next call (or its end)."""
+        keys, calls = list(self._pending), list(self._pending.values())
+        self._pending.clear()
+        if not calls:
+            return
+        self.unet_calls += 1
+        self.job_steps += len(calls)
+        with torch.no_grad():
+            if len(calls) == 1:  # alone: exactly the call run_job makes
+                c = calls[0]
+                outs = [self.stage.predict(c.sample, c.timestep, c.embeds, c.class_labels)]
+            else:
+                sample = torch.cat([c.sample for c in calls])
+                timestep = torch.cat([c.timestep.reshape(-1).expand(c.rows) for c in calls])
+                embeds = torch.cat([c.embeds for c in calls])
+                labels = (None if calls[0].class_labels is None
+                          else torch.cat([c.class_labels for c in calls]))
+                outs = self.stage.predict(sample, timestep, embeds, labels).split(
+                    [c.rows for c in calls])
+            for key, out in zip(keys, outs, strict=True):
+                self._advance(key, out)
+
+
 def run_batched(stage: UNetStage, jobs: Sequence[DenoiseJob]) -> list[torch.Tensor | BaseException]:
-    """Run several jobs together: every step, the rows of all unfinished jobs go through the UNet
-    in one call (chunked by ``stage.max_batch``), each row with its own sample's timestep, so jobs
-    need not have the same number of steps. Each job keeps its own generator; its result equals
-    :func:`run_job`'s up to float rounding of the larger batch.
+    """Run several jobs together through shared UNet calls (see :class:`SharedSteps`).
 
     Returns one entry per job: its image, or the exception it raised (e.g. SamplingCancelled),
     which ends that job only.
     """
     results: list[torch.Tensor | BaseException | None] = [None] * len(jobs)
-    pending: dict[int, UNetCall] = {}
-
-    def advance(k: int, out: torch.Tensor | None) -> None:
-        try:
-            pending[k] = next(jobs[k]) if out is None else jobs[k].send(out)
-        except StopIteration as done:
-            results[k] = done.value
-        except Exception as exc:  # noqa: BLE001 - one job's failure is that job's result
-            results[k] = exc
-
-    with torch.no_grad():
-        for k in range(len(jobs)):
-            advance(k, None)
-        while pending:
-            keys, calls = list(pending), list(pending.values())
-            pending.clear()
-            sample = torch.cat([c.sample for c in calls])
-            timestep = torch.cat([c.timestep.reshape(-1).expand(c.rows) for c in calls])
-            embeds = torch.cat([c.embeds for c in calls])
-            labels = (None if calls[0].class_labels is None
-                      else torch.cat([c.class_labels for c in calls]))
-            out = stage.predict(sample, timestep, embeds, labels)
-            for k, part in zip(keys, out.split([c.rows for c in calls]), strict=True):
-                advance(k, part)
+    shared = SharedSteps(stage)
+    for k, job in enumerate(jobs):
+        shared.add(job, lambda result, k=k: results.__setitem__(k, result))
+    while len(shared):
+        shared.step()
     return results  # type: ignore[return-value]
 
 

@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=0, metavar="N",
                      help="most rows per UNet call (2 per view); smaller bounds GPU memory. "
                           "0: all at once")
+    srv.add_argument("--max-concurrent", type=int, default=1, metavar="N",
+                     help="requests sampled at once; a stage service runs them through shared "
+                          "UNet calls, step by step (more throughput, more GPU memory unless "
+                          "--max-batch bounds the rows). Default 1")
     srv.add_argument("--max-queue", type=int, default=8,
                      help="calls that may wait; more are refused with RESOURCE_EXHAUSTED")
     srv.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
@@ -257,6 +261,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         random_weights=args.random_weights,
         cuda_graphs=not args.no_cuda_graphs,
         max_batch=args.max_batch,
+        max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
         parent_pid=args.parent_pid,
         security=security,

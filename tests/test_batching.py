@@ -47,8 +47,13 @@ def _stage_1_jobs(stage1, prompts, stop_after: int | None = None):
     ]
 
 
-def test_stage_1_batched_equals_alone(stage1, prompts):
-    alone = [run_job(stage1, job) for job in _stage_1_jobs(stage1, prompts)]
+@pytest.fixture(scope="module")
+def alone(stage1, prompts):
+    """The three stage-1 samples, each run alone."""
+    return [run_job(stage1, job) for job in _stage_1_jobs(stage1, prompts)]
+
+
+def test_stage_1_batched_equals_alone(stage1, prompts, alone):
     batched = run_batched(stage1, _stage_1_jobs(stage1, prompts))
     for a, b in zip(alone, batched, strict=True):
         assert isinstance(b, torch.Tensor)
@@ -57,9 +62,8 @@ def test_stage_1_batched_equals_alone(stage1, prompts):
     assert (alone[0] - alone[2]).abs().max() > 0.1
 
 
-def test_stage_1_batched_in_chunks(stage1, prompts):
+def test_stage_1_batched_in_chunks(stage1, prompts, alone):
     """A bound on rows per UNet call (max_batch) splits the shared batch, not the result."""
-    alone = [run_job(stage1, job) for job in _stage_1_jobs(stage1, prompts)]
     stage1.max_batch = 3
     try:
         batched = run_batched(stage1, _stage_1_jobs(stage1, prompts))
@@ -90,9 +94,82 @@ def test_stage_2_batched_equals_alone(stage2, prompts):
         assert (a - b).abs().max() <= TOLERANCE
 
 
-def test_a_cancelled_job_ends_alone(stage1, prompts):
-    alone = [run_job(stage1, job) for job in _stage_1_jobs(stage1, prompts)]
+def test_a_cancelled_job_ends_alone(stage1, prompts, alone):
     batched = run_batched(stage1, _stage_1_jobs(stage1, prompts, stop_after=1))
     assert isinstance(batched[1], SamplingCancelled)
     for k in (0, 2):
         assert (alone[k] - batched[k]).abs().max() <= TOLERANCE
+
+
+def test_runner_shares_calls_between_callers(stage1, prompts, alone):
+    """Jobs submitted from other threads join the running ones at their next step."""
+    from illusions.batching import BatchRunner
+
+    runner = BatchRunner(stage1, "test")
+    try:
+        futures = [runner.submit(job) for job in _stage_1_jobs(stage1, prompts)]
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        runner.close()
+    for a, b in zip(alone, results, strict=True):
+        assert (a - b).abs().max() <= TOLERANCE
+    assert runner.shared.job_steps == 5 + 3 + 4
+    assert runner.shared.unet_calls < runner.shared.job_steps
+
+
+def test_runner_reports_a_job_error_to_its_caller(stage1, prompts):
+    from illusions.batching import BatchRunner
+
+    runner = BatchRunner(stage1, "test")
+    try:
+        jobs = _stage_1_jobs(stage1, prompts, stop_after=1)
+        futures = [runner.submit(job) for job in jobs]
+        with pytest.raises(SamplingCancelled):
+            futures[1].result(timeout=120)
+        assert isinstance(futures[0].result(timeout=120), torch.Tensor)
+    finally:
+        runner.close()
+
+
+def test_concurrent_requests_to_a_stage_service_share_calls_and_match_alone():
+    """Three clients at once on a stage-1 service with --max-concurrent 3: every client gets the
+    picture (and generator state) it gets when it is the only one."""
+    import threading
+
+    from conftest import STAGE1_DIR
+    from test_services import running
+
+    from anagram.v1 import anagram_pb2 as pb
+    from orchestrator.client import CascadeClient
+    from services.common import codec
+
+    g = torch.Generator().manual_seed(0)
+    names = [["identity", "flip"], ["identity", "rotate_cw", "negate"], ["identity", "rotate_180"]]
+    requests = [
+        pb.Stage1Request(
+            prompt_embeds=codec.encode(torch.randn(len(views), 77, 32, generator=g)),
+            negative_prompt_embeds=codec.encode(torch.randn(1, 77, 32, generator=g)),
+            views=[pb.ViewSpec(name=name) for name in views],
+            params=pb.SamplingParams(num_inference_steps=4 + k, guidance_scale=3, seed=k),
+        )
+        for k, views in enumerate(names)
+    ]
+    with running("stage1", str(STAGE1_DIR), max_concurrent=3) as address, \
+            CascadeClient(address, address, address, timeout=120) as client:
+        alone = [client.stage1(request) for request in requests]
+        together: list = [None] * len(requests)
+        start = threading.Barrier(len(requests))
+
+        def call(k: int) -> None:
+            start.wait()
+            together[k] = client.stage1(requests[k])
+
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    for (image, state), result in zip(alone, together, strict=True):
+        assert result is not None
+        assert (image - result[0]).abs().max() <= TOLERANCE
+        assert torch.equal(state, result[1])

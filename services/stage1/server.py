@@ -9,8 +9,9 @@ import grpc
 
 from anagram.v1 import anagram_pb2 as pb
 from anagram.v1 import anagram_pb2_grpc as pb_grpc
+from illusions.batching import BatchRunner
 from illusions.models import UNetStage
-from illusions.sampling import new_generator, sample_stage_1
+from illusions.sampling import new_generator, stage_1_job
 from services.common.errors import rpc_errors
 from services.common.server import Admission, ModelHandle, ServerConfig, serve, stream_with_progress
 from services.common.stage import (
@@ -28,6 +29,15 @@ class Stage1Servicer(pb_grpc.Stage1Servicer):
     def __init__(self, model: ModelHandle[UNetStage], admission: Admission) -> None:
         self.model = model
         self.admission = admission
+        self._runner: BatchRunner | None = None
+        self._runner_lock = threading.Lock()
+
+    def runner(self, stage: UNetStage) -> BatchRunner:
+        """The thread that runs this stage's UNet: requests admitted together share its calls."""
+        with self._runner_lock:
+            if self._runner is None:
+                self._runner = BatchRunner(stage, "stage1")
+            return self._runner
 
     @rpc_errors
     def Sample(self, request: pb.Stage1Request, context: grpc.ServicerContext):  # noqa: N802
@@ -39,10 +49,9 @@ class Stage1Servicer(pb_grpc.Stage1Servicer):
         generator = new_generator(request.params.seed)
 
         def work(progress, should_stop) -> pb.SampleResult:
-            image = sample_stage_1(stage, prompt_embeds, negative, views, generator, params,
-                                   ref_image=ref_image, callback=progress,
-                                   should_stop=should_stop)
-            return sample_result(image, generator)
+            job = stage_1_job(stage, prompt_embeds, negative, views, generator, params,
+                              ref_image=ref_image, callback=progress, should_stop=should_stop)
+            return sample_result(self.runner(stage).run(job), generator)
 
         with self.admission.slot(context.is_active):
             yield from stream_with_progress(work, context)

@@ -9,12 +9,13 @@ import grpc
 
 from anagram.v1 import anagram_pb2 as pb
 from anagram.v1 import anagram_pb2_grpc as pb_grpc
+from illusions.batching import BatchRunner
 from illusions.models import UNetStage
 from illusions.sampling import (
     InvalidInputError,
     generator_from_state,
     new_generator,
-    sample_stage_2,
+    stage_2_job,
 )
 from services.common import codec
 from services.common.errors import rpc_errors
@@ -34,6 +35,15 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
     def __init__(self, model: ModelHandle[UNetStage], admission: Admission) -> None:
         self.model = model
         self.admission = admission
+        self._runner: BatchRunner | None = None
+        self._runner_lock = threading.Lock()
+
+    def runner(self, stage: UNetStage) -> BatchRunner:
+        """The thread that runs this stage's UNet: requests admitted together share its calls."""
+        with self._runner_lock:
+            if self._runner is None:
+                self._runner = BatchRunner(stage, "stage2")
+            return self._runner
 
     @rpc_errors
     def Sample(self, request: pb.Stage2Request, context: grpc.ServicerContext):  # noqa: N802
@@ -51,9 +61,9 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
             generator = new_generator(request.params.seed)
 
         def work(progress, should_stop) -> pb.SampleResult:
-            out = sample_stage_2(stage, image, prompt_embeds, negative, views, generator, params,
-                                 ref_image=ref_image, callback=progress, should_stop=should_stop)
-            return sample_result(out, generator)
+            job = stage_2_job(stage, image, prompt_embeds, negative, views, generator, params,
+                              ref_image=ref_image, callback=progress, should_stop=should_stop)
+            return sample_result(self.runner(stage).run(job), generator)
 
         with self.admission.slot(context.is_active):
             yield from stream_with_progress(work, context)
