@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stage-1 service(s): host:port[,host:port] or dns:///name:port")
     gen.add_argument("--stage2", default=None, metavar="TARGET",
                      help="stage-2 service(s): host:port[,host:port] or dns:///name:port")
+    gen.add_argument("--parallel", type=int, default=0, metavar="N",
+                     help="stage-2 calls in flight while stage 1 works on the next sample "
+                          "(default: one per --stage2 replica address; 1 for a dns:/// name or "
+                          "local mode)")
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
     gen.add_argument("--retry-timeout", type=float, default=120.0, metavar="S",
@@ -311,6 +315,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         save_tensors=args.save_tensors,
         overwrite=args.overwrite,
     )
+    if args.parallel < 0:
+        raise InvalidInputError(f"--parallel {args.parallel}: use 1 or more (0: automatic)")
     if args.retry_timeout < 0:
         raise InvalidInputError(f"--retry-timeout {args.retry_timeout}: use 0 or more seconds")
     check_config(config)  # fail fast, before any service starts
@@ -326,7 +332,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with CascadeClient(args.encoder, args.stage1, args.stage2, timeout=args.timeout,
                            retry_timeout=args.retry_timeout, security=security) as client:
             client.check()
-            written = generate(config, client, progress=progress)
+            workers = args.parallel or (1 if "://" in args.stage2 else
+                                        len([a for a in args.stage2.split(",") if a.strip()]))
+            written = generate(config, client, progress=progress, stage2_workers=workers)
     else:
         given = [flag for flag, value in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
                                           ("--tls-key", args.tls_key),
@@ -355,7 +363,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             retry_timeout=args.retry_timeout,
         ) as client:
             client.check()
-            written = generate(config, client, progress=progress)
+            written = generate(config, client, progress=progress,
+                               stage2_workers=args.parallel or 1)
     for folder in written:
         print(folder)
     if args.animate:

@@ -1,4 +1,4 @@
-"""The whole job: encode once, then per sample stage 1 -> stage 2 -> files.
+"""The whole job: encode once, then per sample stage 1 -> stage 2 -> files, pipelined.
 
 Runs against a :class:`CascadeClient`, whether the services were started locally or are remote.
 """
@@ -11,8 +11,10 @@ import logging
 import platform
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,9 +234,10 @@ def _bar(desc: str, enabled: bool) -> tuple[tqdm, Callable[[int, int], None]]:
     return bar, update
 
 
-def generate(config: GenerateConfig, client: CascadeClient, progress: bool = True) -> list[Path]:
+def generate(config: GenerateConfig, client: CascadeClient, progress: bool = True,
+             stage2_workers: int = 1) -> list[Path]:
     """Run the job; returns the folders of this command's samples. Files appear only for finished
-    samples.
+    samples. Stage 1 of a sample runs while stage 2 works on up to ``stage2_workers`` earlier ones.
 
     Resuming: if the run folder holds the same run (the same command, or one that differs only
     in ``--seed``/``--num-samples``), finished samples are kept and skipped and the rest are made;
@@ -271,35 +274,62 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
         for k, name in enumerate(config.views)
     ]
     ref_message = codec.encode(ref_image) if ref_image is not None else pb.Tensor()
-    for seed in todo:
-        params = pb.SamplingParams(
+    lock = threading.Lock()  # guards `done` and metadata.json
+
+    def params_for(seed: int) -> pb.SamplingParams:
+        return pb.SamplingParams(
             num_inference_steps=config.params.num_inference_steps,
             guidance_scale=config.params.guidance_scale,
             reduction=config.params.reduction,
             noise_level=config.params.noise_level,
             seed=seed,
         )
-        started = time.perf_counter()
-        bar, update = _bar(f"sample {seed:04d} stage 1", progress)
-        with bar:
-            image64, state = client.stage1(
-                pb.Stage1Request(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
-                                 views=specs, params=params, ref_image=ref_message),
-                update,
-            )
+
+    def finish(seed: int, image64: torch.Tensor, state: torch.Tensor, started: float) -> None:
+        """Stage 2 and the files of one sample (runs on a stage-2 worker thread)."""
+        nonlocal done
         bar, update = _bar(f"sample {seed:04d} stage 2", progress)
         with bar:
             image256, _ = client.stage2(
                 pb.Stage2Request(image=codec.encode(image64), prompt_embeds=embeds,
                                  negative_prompt_embeds=negative_embeds, views=specs,
-                                 params=params, rng_state=codec.encode(state),
+                                 params=params_for(seed), rng_state=codec.encode(state),
                                  ref_image=ref_message),
                 update,
             )
         images = {image64.shape[-1]: image64, image256.shape[-1]: image256}
         write_sample(run_dir, seed, views, images, config.save_tensors, prompts)
-        done = sorted({*done, seed})
-        write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
+        with lock:
+            done = sorted({*done, seed})
+            write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
         logger.info("sample %04d done in %.1f s -> %s", seed, time.perf_counter() - started,
                     sample_dir(run_dir, seed))
+
+    # Pipelined: stage 1 of the next sample runs while stage 2 works on earlier ones, with up to
+    # `stage2_workers` stage-2 calls in flight (one per stage-2 replica keeps them all busy). Each
+    # sample depends only on its seed, so the order of the calls changes no picture.
+    pool = ThreadPoolExecutor(max_workers=max(1, stage2_workers), thread_name_prefix="stage2")
+    in_flight: list[Future[None]] = []
+    try:
+        for seed in todo:
+            started = time.perf_counter()
+            bar, update = _bar(f"sample {seed:04d} stage 1", progress)
+            with bar:
+                image64, state = client.stage1(
+                    pb.Stage1Request(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
+                                     views=specs, params=params_for(seed), ref_image=ref_message),
+                    update,
+                )
+            while len(in_flight) >= max(1, stage2_workers):  # back-pressure
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()  # a failed sample stops the run
+                in_flight = [f for f in in_flight if not f.done()]
+            in_flight.append(pool.submit(finish, seed, image64, state, started))
+        for future in in_flight:
+            future.result()
+    finally:
+        # On an error or Ctrl-C, samples not started are dropped; calls in flight end with the
+        # client's channels.
+        pool.shutdown(wait=False, cancel_futures=True)
     return [sample_dir(run_dir, seed) for seed in seeds]

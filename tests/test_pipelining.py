@@ -1,0 +1,116 @@
+"""The orchestrator pipelines samples: stage 1 of the next sample runs while stage 2 works on
+earlier ones (one stage-2 call per replica in flight), and no picture changes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import STAGE1_DIR, STAGE2_DIR
+from safetensors.torch import load_file
+
+from anagram.v1 import anagram_pb2 as pb
+from illusions.sampling import SamplingParams
+from orchestrator.client import CascadeClient, ServiceError
+from orchestrator.pipeline import GenerateConfig, generate
+
+
+class StandIn:
+    """A CascadeClient stand-in that records when each call starts and ends."""
+
+    def __init__(self, stage2_seconds: float = 0.3, fail_seed: int | None = None) -> None:
+        self.stage2_seconds = stage2_seconds
+        self.fail_seed = fail_seed
+        self.events: list[tuple[float, str, str, int]] = []
+        self._lock = threading.Lock()
+
+    def _log(self, what: str, edge: str, seed: int) -> None:
+        with self._lock:
+            self.events.append((time.perf_counter(), what, edge, seed))
+
+    def describe(self) -> dict[str, pb.ModelInfo]:
+        return {name: pb.ModelInfo(service=name, model="stand-in") for name in
+                ("encoder", "stage1", "stage2")}
+
+    def encode(self, prompts):
+        return torch.zeros(len(prompts), 77, 8), torch.zeros(1, 77, 8)
+
+    def stage1(self, request, progress=None):
+        seed = request.params.seed
+        self._log("stage1", "start", seed)
+        time.sleep(0.05)
+        self._log("stage1", "end", seed)
+        return torch.full((1, 3, 8, 8), seed / 10), torch.tensor([seed])
+
+    def stage2(self, request, progress=None):
+        seed = request.params.seed
+        self._log("stage2", "start", seed)
+        time.sleep(self.stage2_seconds)
+        if seed == self.fail_seed:
+            raise ServiceError("stage2 at 127.0.0.1:9 is unavailable")
+        self._log("stage2", "end", seed)
+        return torch.full((1, 3, 16, 16), seed / 10), torch.tensor([seed])
+
+    def when(self, what: str, edge: str, seed: int) -> float:
+        return next(t for t, w, e, s in self.events if (w, e, s) == (what, edge, seed))
+
+
+def _config(tmp_path: Path, n: int, name: str = "run") -> GenerateConfig:
+    return GenerateConfig(prompts=("a", "b"), views=("identity", "flip"), save_dir=tmp_path,
+                          name=name, num_samples=n,
+                          params=SamplingParams(num_inference_steps=3, guidance_scale=3.0))
+
+
+def test_stage_1_of_the_next_sample_overlaps_stage_2(tmp_path):
+    client = StandIn()
+    written = generate(_config(tmp_path, 3), client, progress=False, stage2_workers=1)
+    assert [p.name for p in written] == ["0000", "0001", "0002"]
+    assert all((p / "sample_16.png").is_file() for p in written)
+    for seed in (0, 1):
+        assert client.when("stage1", "start", seed + 1) < client.when("stage2", "end", seed)
+    # One worker: stage-2 calls never overlap each other.
+    assert client.when("stage2", "start", 1) >= client.when("stage2", "end", 0)
+
+
+def test_one_stage_2_call_in_flight_per_worker(tmp_path):
+    client = StandIn()
+    generate(_config(tmp_path, 4), client, progress=False, stage2_workers=2)
+    assert client.when("stage2", "start", 1) < client.when("stage2", "end", 0)
+    in_flight = peak = 0
+    for _, what, edge, _ in sorted(client.events):
+        if what == "stage2":
+            in_flight += 1 if edge == "start" else -1
+            peak = max(peak, in_flight)
+    assert peak == 2
+
+
+def test_a_failed_sample_stops_the_run_and_keeps_finished_ones(tmp_path):
+    client = StandIn(fail_seed=1)
+    with pytest.raises(ServiceError, match="unavailable"):
+        generate(_config(tmp_path, 4), client, progress=False, stage2_workers=1)
+    run = tmp_path / "run"
+    assert (run / "0000").is_dir() and not (run / "0001").exists()
+    assert not list(run.glob(".*.partial"))
+
+
+def test_pipelined_over_two_replicas_equals_one_at_a_time(tmp_path):
+    """Real services: two stage-2 replicas behind one target, two stage-2 calls in flight; the
+    tensors equal those of a run that makes one sample at a time."""
+    from test_services import running
+
+    with running("encoder", str(STAGE1_DIR)) as enc, running("stage1", str(STAGE1_DIR)) as s1, \
+            running("stage2", str(STAGE2_DIR)) as a, running("stage2", str(STAGE2_DIR)) as b:
+        with CascadeClient(enc, s1, f"{a},{b}", timeout=120) as client:
+            config = _config(tmp_path, 3, "pipelined")
+            pipelined = generate(GenerateConfig(**{**config.__dict__, "save_tensors": True}),
+                                 client, progress=False, stage2_workers=2)
+            config = _config(tmp_path, 3, "sequential")
+            sequential = generate(GenerateConfig(**{**config.__dict__, "save_tensors": True}),
+                                  client, progress=False, stage2_workers=1)
+    for p, q in zip(pipelined, sequential, strict=True):
+        x, y = load_file(str(p / "tensors.safetensors")), load_file(str(q / "tensors.safetensors"))
+        assert torch.equal(x["stage_1"], y["stage_1"])
+        assert (x["stage_2"] - y["stage_2"]).abs().max() <= 1e-5
