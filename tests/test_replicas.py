@@ -35,7 +35,7 @@ from orchestrator.client import CascadeClient, ServiceError, open_channel
 from services.common import codec
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 3  # stage 2 at 256 px costs about a second a step on 2 CPU cores
+STEPS = 2  # stage 2 at 256 px costs about a second a step on 2 CPU cores
 SAMPLES = 2
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def test_killed_replica_mid_run_loses_nothing(front, processes, tmp_path, caplog
 
 # ------------------------------------------------------------------------------------- soak
 
-SOAK_REQUESTS = 200
+SOAK_REQUESTS = 180
 SOAK_SECONDS = 60.0
 RSS_GROWTH_BOUND = 32 * 2**20  # bytes, from the end of warm-up to the end
 
