@@ -27,6 +27,8 @@ from services.common.security import (
     TOKEN_ENV,
     ClientSecurity,
     ServerSecurity,
+    check_ca,
+    check_key_pair,
     read_pem,
     read_token,
 )
@@ -226,6 +228,15 @@ def cmd_views() -> int:
 
 def server_security(args: argparse.Namespace) -> ServerSecurity:
     """TLS files and the token of ``illusion serve``, read here at the edge."""
+    security = _server_security(args)
+    if security.tls:
+        check_key_pair(args.tls_cert, args.tls_key)
+    if security.client_ca is not None:
+        check_ca(args.tls_client_ca, "--tls-client-ca")
+    return security
+
+
+def _server_security(args: argparse.Namespace) -> ServerSecurity:
     return ServerSecurity(
         cert=read_pem(args.tls_cert, "--tls-cert"),
         key=read_pem(args.tls_key, "--tls-key"),
@@ -236,6 +247,15 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
 
 def client_security(args: argparse.Namespace) -> ClientSecurity:
     """TLS files and the token of ``illusion generate`` with remote services."""
+    security = _client_security(args)
+    if security.ca is not None:
+        check_ca(args.tls_ca, "--tls-ca")
+    if security.cert is not None:
+        check_key_pair(args.tls_cert, args.tls_key)
+    return security
+
+
+def _client_security(args: argparse.Namespace) -> ClientSecurity:
     return ClientSecurity(
         ca=read_pem(args.tls_ca, "--tls-ca"),
         cert=read_pem(args.tls_cert, "--tls-cert"),

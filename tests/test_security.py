@@ -260,8 +260,21 @@ def test_reading_files_and_tokens(tmp_path, pki):
         ClientSecurity(cert=pki.client.cert, key=pki.client.key)
 
 
-def test_cli_errors_for_tls_files_are_one_line(tmp_path, capsys):
+def test_cli_errors_for_tls_files_are_one_line(tmp_path, capsys, pki):
     missing = tmp_path / "nope.pem"
+    for name, data in (("cert.pem", pki.server.cert), ("other.key", pki.client.key),
+                       ("ca.pem", pki.ca.cert)):
+        (tmp_path / name).write_bytes(data)
+    code = cli_main(["serve", "stage1", "--model", "x", "--tls-cert", str(tmp_path / "cert.pem"),
+                     "--tls-key", str(tmp_path / "other.key")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "belong together" in err[0], err
+    code = cli_main(["generate", "--prompts", "a", "b", "--views", "identity", "flip",
+                     "--encoder", "127.0.0.1:9", "--stage1", "127.0.0.1:9", "--stage2",
+                     "127.0.0.1:9", "--tls-ca", str(tmp_path / "other.key"),
+                     "--save-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no usable CA certificate" in err[0], err
     code = cli_main(["serve", "stage1", "--model", "x", "--tls-cert", str(missing),
                      "--tls-key", str(missing)])
     err = capsys.readouterr().err.strip().splitlines()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,28 @@ def read_pem(path: str | Path | None, option: str) -> bytes | None:
     if b"-----BEGIN " not in data:
         raise SecurityConfigError(f"{option} {path} is not a PEM file (no '-----BEGIN' line)")
     return data
+
+
+def check_key_pair(cert: str | Path, key: str | Path, cert_option: str = "--tls-cert",
+                   key_option: str = "--tls-key") -> None:
+    """Raise SecurityConfigError (one line) unless ``cert`` is a certificate chain and ``key``
+    its unencrypted private key. gRPC would only say that it failed to bind the port."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(cert), str(key), password=b"")
+    except ssl.SSLError as exc:
+        raise SecurityConfigError(
+            f"{cert_option} {cert} and {key_option} {key} are not a certificate and its "
+            f"unencrypted private key ({exc.reason or exc}): check that they belong together"
+        ) from None
+
+
+def check_ca(path: str | Path, option: str) -> None:
+    """Raise SecurityConfigError (one line) unless ``path`` holds CA certificates."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise SecurityConfigError(f"{option} {path} holds no usable CA certificate "
+                                  f"({exc.reason or exc})") from None
 
 
 def read_token(path: str | Path | None, environ: dict[str, str]) -> str | None:

@@ -130,9 +130,16 @@ def create_server(address: str, max_workers: int = 16, security: ServerSecurity 
                                   *SERVER_KEEPALIVE_OPTIONS])
     credentials = security.credentials()
     if credentials is None:
-        port = server.add_insecure_port(address)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
     else:
-        port = server.add_secure_port(address, credentials)
+        try:
+            port = server.add_secure_port(address, credentials)
+        except RuntimeError:  # gRPC says only "Failed to bind"; a bad certificate is likelier
+            raise OSError(f"could not bind {address} with TLS: is the port in use, and are the "
+                          "certificate and key valid PEM that belong together?") from None
     if port == 0:
         raise OSError(f"could not bind {address}: is the port in use?")
     return server, port
