@@ -240,7 +240,9 @@ def test_sigterm_drains_in_flight_call_then_exits():
         prompt_embeds=codec.encode(torch.zeros(2, 77, 32)),
         negative_prompt_embeds=codec.encode(torch.zeros(1, 77, 32)),
         views=[pb.ViewSpec(name="identity"), pb.ViewSpec(name="flip")],
-        params=pb.SamplingParams(num_inference_steps=40, guidance_scale=3),
+        # Long enough to be in flight at SIGTERM, short enough to finish within the 10 s grace
+        # on a busy 2-core machine (a tiny-model step takes up to ~0.25 s there).
+        params=pb.SamplingParams(num_inference_steps=15, guidance_scale=3),
     )
     with serve("stage1", STAGE1_DIR) as (address, process), open_channel(address) as channel:
         stub = pb_grpc.Stage1Stub(channel)
