@@ -153,12 +153,26 @@ def test_cli_refuses_another_run_in_one_line(services, tmp_path, capsys):
 # --------------------------------------------------------------------------------- overload
 
 
+def occupy(channel: grpc.Channel, steps: int) -> Iterator[pb.SampleEvent]:
+    """Start a ``steps``-step call and return it once it runs (holding the only slot). The slot of
+    a call that just finished may take a moment to be released: retry until admitted."""
+    deadline = time.monotonic() + 10
+    while True:
+        call = pb_grpc.Stage1Stub(channel).Sample(_stage1_request_static(steps), timeout=60)
+        try:
+            next(call)
+            return call
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def test_overload_is_retried_after_the_servers_hint():
     with running("stage1", str(STAGE1_DIR), max_queue=0) as address:
         with open_channel(address) as channel, \
                 CascadeClient(address, address, address, timeout=60, retry_timeout=30) as client:
-            busy = pb_grpc.Stage1Stub(channel).Sample(_stage1_request_static(6), timeout=60)
-            next(busy)  # running now, holding the only slot
+            busy = occupy(channel, 6)
             started = time.monotonic()
             image, _ = client.stage1(_stage1_request_static(1))  # refused, waits, retried
             waited = time.monotonic() - started
@@ -168,8 +182,7 @@ def test_overload_is_retried_after_the_servers_hint():
             assert waited >= 2.0  # the server's retry-after-ms hint (2000) was honoured
 
             # Bounded: a budget shorter than the hint gives up at once, with a clear error.
-            busy = pb_grpc.Stage1Stub(channel).Sample(_stage1_request_static(200), timeout=60)
-            next(busy)
+            busy = occupy(channel, 200)
             impatient = CascadeClient(address, address, address, timeout=60, retry_timeout=1)
             with impatient, pytest.raises(ServiceError, match="stayed overloaded") as info:
                 impatient.stage1(_stage1_request_static(1))
