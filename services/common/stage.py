@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 import torch
 
 from anagram.v1 import anagram_pb2 as pb
+from illusions.batching import BatchRunner
 from illusions.models import UNetStage, load_unet_stage
 from illusions.sampling import (
     InvalidInputError,
@@ -107,3 +109,19 @@ def load_stage(config: ServerConfig, stage_number: int) -> UNetStage:
         sample_stage_2(stage, image, zeros, zeros, views, generator, params)
     logger.info("stage %d warmed up", stage_number)
     return stage
+
+
+class LazyRunner:
+    """The thread that runs a stage's UNet (requests admitted together share its calls), started
+    by the first request that needs it: ``runner(stage).run(job)``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._runner: BatchRunner | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, stage: UNetStage) -> BatchRunner:
+        with self._lock:
+            if self._runner is None:
+                self._runner = BatchRunner(stage, self.name)
+            return self._runner

@@ -9,7 +9,6 @@ import grpc
 
 from anagram.v1 import anagram_pb2 as pb
 from anagram.v1 import anagram_pb2_grpc as pb_grpc
-from illusions.batching import BatchRunner
 from illusions.models import UNetStage
 from illusions.sampling import (
     InvalidInputError,
@@ -21,6 +20,7 @@ from services.common import codec
 from services.common.errors import rpc_errors
 from services.common.server import Admission, ModelHandle, ServerConfig, serve, stream_with_progress
 from services.common.stage import (
+    LazyRunner,
     embeds_from_request,
     load_stage,
     model_info,
@@ -35,15 +35,7 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
     def __init__(self, model: ModelHandle[UNetStage], admission: Admission) -> None:
         self.model = model
         self.admission = admission
-        self._runner: BatchRunner | None = None
-        self._runner_lock = threading.Lock()
-
-    def runner(self, stage: UNetStage) -> BatchRunner:
-        """The thread that runs this stage's UNet: requests admitted together share its calls."""
-        with self._runner_lock:
-            if self._runner is None:
-                self._runner = BatchRunner(stage, "stage2")
-            return self._runner
+        self.runner = LazyRunner("stage2")
 
     @rpc_errors
     def Sample(self, request: pb.Stage2Request, context: grpc.ServicerContext):  # noqa: N802
