@@ -27,6 +27,7 @@ from services.common.security import (
     TOKEN_ENV,
     ClientSecurity,
     ServerSecurity,
+    add_client_options,
     check_ca,
     check_key_pair,
     read_pem,
@@ -134,17 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true",
                      help="the run folder holds a different run: delete its samples and start "
                           "afresh (without it, that is an error; the same command resumes)")
-    gen.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
-                     help="remote services use TLS: trust this CA")
-    gen.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
-                     help="client certificate, for services started with --tls-client-ca")
-    gen.add_argument("--tls-key", type=Path, default=None, metavar="PEM",
-                     help="key of --tls-cert")
-    gen.add_argument("--tls-server-name", default=None, metavar="NAME",
-                     help="check the services' certificate against this name (default: the "
-                          "host of each address)")
-    gen.add_argument("--token-file", type=Path, default=None, metavar="PATH",
-                     help=f"send the bearer token in this file (or set {TOKEN_ENV})")
+    add_client_options(gen, f"send the bearer token in this file (or set {TOKEN_ENV})")
     gen.add_argument("--no-progress", action="store_true", help="no progress bars")
     gen.add_argument("--animate", action="store_true",
                      help="also write each sample's animation (as `illusion animate` does)")

@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.security import add_client_options
 
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
@@ -42,17 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "e.g. anagram.v1.Stage2)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
                         help="seconds to wait for an answer (default 5)")
-    parser.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
-                        help="connect with TLS, trusting this CA (without it: plaintext)")
-    parser.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
-                        help="client certificate, for servers started with --tls-client-ca")
-    parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM",
-                        help="key of --tls-cert")
-    parser.add_argument("--tls-server-name", default=None, metavar="NAME",
-                        help="name to verify the server certificate against (default: HOST), "
-                             "e.g. localhost when probing 127.0.0.1")
-    parser.add_argument("--token-file", type=Path, default=None, metavar="PATH",
-                        help="send the bearer token in this file, as the clients do")
+    add_client_options(parser, "send the bearer token in this file, as the clients do")
     return parser
 
 

@@ -12,6 +12,7 @@ the frozen configs, so nothing deeper touches the filesystem or the environment.
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import logging
 import ssl
@@ -232,3 +233,17 @@ class ClientSecurity:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Metadata to send with every call."""
         return ((AUTH_HEADER, f"Bearer {self.token}"),) if self.token else ()
+
+
+def add_client_options(parser: argparse.ArgumentParser, token_help: str) -> None:
+    """The TLS and token options of a client (``illusion generate``, the health probe)."""
+    parser.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
+                        help="the services use TLS: trust this CA (without it: plaintext)")
+    parser.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                        help="client certificate, for services started with --tls-client-ca")
+    parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM",
+                        help="key of --tls-cert")
+    parser.add_argument("--tls-server-name", default=None, metavar="NAME",
+                        help="check the services' certificate against this name (default: the "
+                             "host of each address), e.g. localhost when calling 127.0.0.1")
+    parser.add_argument("--token-file", type=Path, default=None, metavar="PATH", help=token_help)
