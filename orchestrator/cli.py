@@ -123,10 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stage-1 service(s): host:port[,host:port] or dns:///name:port")
     gen.add_argument("--stage2", default=None, metavar="TARGET",
                      help="stage-2 service(s): host:port[,host:port] or dns:///name:port")
+    gen.add_argument("--batch", type=int, default=1, metavar="N",
+                     help="samples sent to each stage at once; a service started with "
+                          "--max-concurrent N (local mode starts them so) runs them through "
+                          "shared UNet calls. Default 1")
     gen.add_argument("--parallel", type=int, default=0, metavar="N",
-                     help="stage-2 calls in flight while stage 1 works on the next sample "
-                          "(default: one per --stage2 replica address; 1 for a dns:/// name or "
-                          "local mode)")
+                     help="stage-2 calls in flight while stage 1 works on later samples "
+                          "(default: --batch, or one per --stage2 replica address if more)")
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
     gen.add_argument("--retry-timeout", type=float, default=120.0, metavar="S",
@@ -328,6 +331,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if args.parallel < 0:
         raise InvalidInputError(f"--parallel {args.parallel}: use 1 or more (0: automatic)")
+    if args.batch < 1:
+        raise InvalidInputError(f"--batch {args.batch}: use 1 or more")
     if args.retry_timeout < 0:
         raise InvalidInputError(f"--retry-timeout {args.retry_timeout}: use 0 or more seconds")
     check_config(config)  # fail fast, before any service starts
@@ -343,9 +348,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with CascadeClient(args.encoder, args.stage1, args.stage2, timeout=args.timeout,
                            retry_timeout=args.retry_timeout, security=security) as client:
             client.check()
-            workers = args.parallel or (1 if "://" in args.stage2 else
-                                        len([a for a in args.stage2.split(",") if a.strip()]))
-            written = generate(config, client, progress=progress, stage2_workers=workers)
+            replicas = 1 if "://" in args.stage2 else len(
+                [a for a in args.stage2.split(",") if a.strip()])
+            written = generate(config, client, progress=progress, stage1_workers=args.batch,
+                               stage2_workers=args.parallel or max(args.batch, replicas))
     else:
         given = [flag for flag, value in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
                                           ("--tls-key", args.tls_key),
@@ -364,9 +370,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              _resolve_dtype(args.encoder_dtype, args.encoder_device),
                              args.encoder_quantize, args.random_weights),
             LocalServiceSpec("stage1", args.stage1_model, device, dtype, args.quantize,
-                             args.random_weights, args.max_batch),
+                             args.random_weights, args.max_batch, args.batch),
             LocalServiceSpec("stage2", args.stage2_model, device, dtype, args.quantize,
-                             args.random_weights, args.max_batch),
+                             args.random_weights, args.max_batch, args.batch),
         ]
         logger.info("local mode: starting the encoder, stage-1 and stage-2 services")
         with LocalServices(specs) as addresses, CascadeClient(
@@ -374,8 +380,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             retry_timeout=args.retry_timeout,
         ) as client:
             client.check()
-            written = generate(config, client, progress=progress,
-                               stage2_workers=args.parallel or 1)
+            written = generate(config, client, progress=progress, stage1_workers=args.batch,
+                               stage2_workers=args.parallel or args.batch)
     for folder in written:
         print(folder)
     if args.animate:

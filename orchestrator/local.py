@@ -40,6 +40,7 @@ class LocalServiceSpec:
     quantize: str = "none"
     random_weights: bool = False
     max_batch: int = 0  # UNet services only
+    max_concurrent: int = 1  # UNet services: requests that share UNet calls
 
     def command(self) -> list[str]:
         cmd = [
@@ -50,6 +51,8 @@ class LocalServiceSpec:
         ]
         if self.kind != "encoder" and self.max_batch:
             cmd += ["--max-batch", str(self.max_batch)]
+        if self.kind != "encoder" and self.max_concurrent > 1:
+            cmd += ["--max-concurrent", str(self.max_concurrent)]
         return cmd + (["--random-weights"] if self.random_weights else [])
 
 

@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,9 +235,10 @@ def _bar(desc: str, enabled: bool) -> tuple[tqdm, Callable[[int, int], None]]:
 
 
 def generate(config: GenerateConfig, client: CascadeClient, progress: bool = True,
-             stage2_workers: int = 1) -> list[Path]:
+             stage1_workers: int = 1, stage2_workers: int = 1) -> list[Path]:
     """Run the job; returns the folders of this command's samples. Files appear only for finished
-    samples. Stage 1 of a sample runs while stage 2 works on up to ``stage2_workers`` earlier ones.
+    samples. Up to ``stage1_workers`` stage-1 and ``stage2_workers`` stage-2 calls are in flight
+    at once (stage 1 of later samples overlaps stage 2 of earlier ones).
 
     Resuming: if the run folder holds the same run (the same command, or one that differs only
     in ``--seed``/``--num-samples``), finished samples are kept and skipped and the rest are made;
@@ -285,33 +286,16 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
             seed=seed,
         )
 
-    def finish(seed: int, image64: torch.Tensor, state: torch.Tensor, started: float) -> None:
-        """Stage 2 and the files of one sample (runs on a stage-2 worker thread)."""
-        nonlocal done
-        bar, update = _bar(f"sample {seed:04d} stage 2", progress)
-        with bar:
-            image256, _ = client.stage2(
-                pb.Stage2Request(image=codec.encode(image64), prompt_embeds=embeds,
-                                 negative_prompt_embeds=negative_embeds, views=specs,
-                                 params=params_for(seed), rng_state=codec.encode(state),
-                                 ref_image=ref_message),
-                update,
-            )
-        images = {image64.shape[-1]: image64, image256.shape[-1]: image256}
-        write_sample(run_dir, seed, views, images, config.save_tensors, prompts)
-        with lock:
-            done = sorted({*done, seed})
-            write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
-        logger.info("sample %04d done in %.1f s -> %s", seed, time.perf_counter() - started,
-                    sample_dir(run_dir, seed))
+    stage1_slots = threading.Semaphore(max(1, stage1_workers))
+    stage2_slots = threading.Semaphore(max(1, stage2_workers))
+    failed = threading.Event()
 
-    # Pipelined: stage 1 of the next sample runs while stage 2 works on earlier ones, with up to
-    # `stage2_workers` stage-2 calls in flight (one per stage-2 replica keeps them all busy). Each
-    # sample depends only on its seed, so the order of the calls changes no picture.
-    pool = ThreadPoolExecutor(max_workers=max(1, stage2_workers), thread_name_prefix="stage2")
-    in_flight: list[Future[None]] = []
-    try:
-        for seed in todo:
+    def one_sample(seed: int) -> None:
+        """Stage 1, stage 2 and the files of one sample (on a worker thread)."""
+        nonlocal done
+        with stage1_slots:
+            if failed.is_set():
+                return
             started = time.perf_counter()
             bar, update = _bar(f"sample {seed:04d} stage 1", progress)
             with bar:
@@ -320,16 +304,44 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
                                      views=specs, params=params_for(seed), ref_image=ref_message),
                     update,
                 )
-            while len(in_flight) >= max(1, stage2_workers):  # back-pressure
-                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    future.result()  # a failed sample stops the run
-                in_flight = [f for f in in_flight if not f.done()]
-            in_flight.append(pool.submit(finish, seed, image64, state, started))
-        for future in in_flight:
-            future.result()
+        with stage2_slots:
+            if failed.is_set():
+                return
+            bar, update = _bar(f"sample {seed:04d} stage 2", progress)
+            with bar:
+                image256, _ = client.stage2(
+                    pb.Stage2Request(image=codec.encode(image64), prompt_embeds=embeds,
+                                     negative_prompt_embeds=negative_embeds, views=specs,
+                                     params=params_for(seed), rng_state=codec.encode(state),
+                                     ref_image=ref_message),
+                    update,
+                )
+        images = {image64.shape[-1]: image64, image256.shape[-1]: image256}
+        write_sample(run_dir, seed, views, images, config.save_tensors, prompts)
+        with lock:
+            done = sorted({*done, seed})
+            write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
+        logger.info("sample %04d done in %.1f s -> %s", seed, time.perf_counter() - started,
+                    sample_dir(run_dir, seed))
+
+    # Pipelined: up to `stage1_workers` stage-1 calls and `stage2_workers` stage-2 calls are in
+    # flight at once, so stage 1 of the next samples runs while stage 2 works on earlier ones; one
+    # stage-2 call per replica keeps them all busy, and calls sent together to a service started
+    # with --max-concurrent share its UNet calls. Each sample depends only on its seed, so the
+    # order of the calls changes no picture. Samples start in seed order.
+    workers = max(1, stage1_workers) + max(1, stage2_workers)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sample")
+    try:
+        futures = [pool.submit(one_sample, seed) for seed in todo]
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except BaseException:
+                failed.set()  # a failed sample stops the run: no new call starts
+                raise
     finally:
         # On an error or Ctrl-C, samples not started are dropped; calls in flight end with the
         # client's channels.
+        failed.set()
         pool.shutdown(wait=False, cancel_futures=True)
     return [sample_dir(run_dir, seed) for seed in seeds]
