@@ -275,7 +275,7 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
         for k, name in enumerate(config.views)
     ]
     ref_message = codec.encode(ref_image) if ref_image is not None else pb.Tensor()
-    lock = threading.Lock()  # guards `done` and metadata.json
+    lock = threading.Lock()  # one sample written at a time: its files, `done`, metadata.json
 
     def params_for(seed: int) -> pb.SamplingParams:
         return pb.SamplingParams(
@@ -288,7 +288,8 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
 
     stage1_slots = threading.Semaphore(max(1, stage1_workers))
     stage2_slots = threading.Semaphore(max(1, stage2_workers))
-    failed = threading.Event()
+    failed = threading.Event()  # no new call starts
+    closed = threading.Event()  # no new sample is written
 
     def one_sample(seed: int) -> None:
         """Stage 1, stage 2 and the files of one sample (on a worker thread)."""
@@ -317,8 +318,10 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
                     update,
                 )
         images = {image64.shape[-1]: image64, image256.shape[-1]: image256}
-        write_sample(run_dir, seed, views, images, config.save_tensors, prompts)
         with lock:
+            if closed.is_set():  # generate has returned (an error elsewhere, or Ctrl-C)
+                return
+            write_sample(run_dir, seed, views, images, config.save_tensors, prompts)
             done = sorted({*done, seed})
             write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
         logger.info("sample %04d done in %.1f s -> %s", seed, time.perf_counter() - started,
@@ -340,8 +343,10 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
                 failed.set()  # a failed sample stops the run: no new call starts
                 raise
     finally:
-        # On an error or Ctrl-C, samples not started are dropped; calls in flight end with the
-        # client's channels.
+        # On an error or Ctrl-C: a sample being written is finished, samples not started are
+        # dropped, calls in flight end with the client's channels and their samples are not written.
         failed.set()
+        with lock:
+            closed.set()
         pool.shutdown(wait=False, cancel_futures=True)
     return [sample_dir(run_dir, seed) for seed in seeds]
