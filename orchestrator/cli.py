@@ -28,6 +28,7 @@ from services.common.security import (
     ClientSecurity,
     ServerSecurity,
     add_client_options,
+    add_server_options,
     check_ca,
     check_key_pair,
     read_pem,
@@ -168,15 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "--max-batch bounds the rows). Default 1")
     srv.add_argument("--max-queue", type=int, default=8,
                      help="calls that may wait; more are refused with RESOURCE_EXHAUSTED")
-    srv.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
-                     help="serve TLS with this certificate (chain), PEM")
-    srv.add_argument("--tls-key", type=Path, default=None, metavar="PEM",
-                     help="private key of --tls-cert, PEM")
-    srv.add_argument("--tls-client-ca", type=Path, default=None, metavar="PEM",
-                     help="mutual TLS: clients must present a certificate signed by this CA")
-    srv.add_argument("--token-file", type=Path, default=None, metavar="PATH",
-                     help=f"every call must carry this bearer token (or set {TOKEN_ENV}); "
-                          "health checks stay open")
+    add_server_options(srv, f"every call must carry this bearer token (or set {TOKEN_ENV}); "
+                            "health checks stay open")
     srv.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
     ani = sub.add_parser("animate", help="GIF (and MP4) of a result turning from view to view")

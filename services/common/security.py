@@ -247,3 +247,14 @@ def add_client_options(parser: argparse.ArgumentParser, token_help: str) -> None
                         help="check the services' certificate against this name (default: the "
                              "host of each address), e.g. localhost when calling 127.0.0.1")
     parser.add_argument("--token-file", type=Path, default=None, metavar="PATH", help=token_help)
+
+
+def add_server_options(parser: argparse.ArgumentParser, token_help: str) -> None:
+    """The TLS and token options of a service (``illusion serve``)."""
+    parser.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                        help="serve TLS with this certificate (chain), PEM")
+    parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM",
+                        help="private key of --tls-cert, PEM")
+    parser.add_argument("--tls-client-ca", type=Path, default=None, metavar="PEM",
+                        help="mutual TLS: clients must present a certificate signed by this CA")
+    parser.add_argument("--token-file", type=Path, default=None, metavar="PATH", help=token_help)
