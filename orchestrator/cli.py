@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--parallel", type=int, default=0, metavar="N",
                      help="stage-2 calls in flight while stage 1 works on later samples "
                           "(default: --batch, or one per --stage2 replica address if more)")
+    gen.add_argument("--stage2-devices", nargs="+", default=None, metavar="DEV",
+                     help="local mode: one stage-2 replica per device, e.g. cuda:1 cuda:2 "
+                          "(default: one on --device); samples are spread over them")
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
     gen.add_argument("--retry-timeout", type=float, default=120.0, metavar="S",
@@ -338,6 +341,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise InvalidInputError(
                 "give all three of --encoder, --stage1 and --stage2, or none for local mode"
             )
+        if args.stage2_devices:
+            raise InvalidInputError(
+                "--stage2-devices starts local replicas; with remote services list their "
+                "addresses in --stage2 instead"
+            )
         security = client_security(args)
         with CascadeClient(args.encoder, args.stage1, args.stage2, timeout=args.timeout,
                            retry_timeout=args.retry_timeout, security=security) as client:
@@ -365,17 +373,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              args.encoder_quantize, args.random_weights),
             LocalServiceSpec("stage1", args.stage1_model, device, dtype, args.quantize,
                              args.random_weights, args.max_batch, args.batch),
-            LocalServiceSpec("stage2", args.stage2_model, device, dtype, args.quantize,
-                             args.random_weights, args.max_batch, args.batch),
         ]
-        logger.info("local mode: starting the encoder, stage-1 and stage-2 services")
+        stage2_devices = [str(parse_device(d)) for d in args.stage2_devices or [device]]
+        specs += [
+            LocalServiceSpec("stage2", args.stage2_model, d, _resolve_dtype(args.dtype, d),
+                             args.quantize, args.random_weights, args.max_batch, args.batch)
+            for d in stage2_devices
+        ]
+        logger.info("local mode: starting the encoder, stage-1 and %d stage-2 service(s)",
+                    len(stage2_devices))
         with LocalServices(specs) as addresses, CascadeClient(
             addresses["encoder"], addresses["stage1"], addresses["stage2"], timeout=args.timeout,
             retry_timeout=args.retry_timeout,
         ) as client:
             client.check()
             written = generate(config, client, progress=progress, stage1_workers=args.batch,
-                               stage2_workers=args.parallel or args.batch)
+                               stage2_workers=args.parallel or max(args.batch,
+                                                                   len(stage2_devices)))
     for folder in written:
         print(folder)
     if args.animate:

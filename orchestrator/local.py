@@ -85,7 +85,11 @@ class _Child:
 
 
 class LocalServices:
-    """Context manager: ``with LocalServices(specs) as addresses: ...`` (kind -> host:port)."""
+    """Context manager: ``with LocalServices(specs) as addresses: ...`` (kind -> host:port).
+
+    Several specs of one kind (stage-2 replicas, e.g. one per GPU) give that kind a comma-separated
+    list of addresses, which the client balances over with gRPC's ``round_robin``.
+    """
 
     def __init__(self, specs: list[LocalServiceSpec], startup_timeout: float = 900.0) -> None:
         self.specs = specs
@@ -121,7 +125,10 @@ class LocalServices:
                 raise LocalServiceError(
                     f"local {child.spec.kind} service failed to start: {child.last_error()}"
                 )
-        return {child.spec.kind: child.address for child in self.children}  # type: ignore
+        addresses: dict[str, list[str]] = {}
+        for child in self.children:
+            addresses.setdefault(child.spec.kind, []).append(child.address)  # type: ignore
+        return {kind: ",".join(found) for kind, found in addresses.items()}
 
     def stop(self, grace: float = 10.0) -> None:
         for child in self.children:

@@ -76,8 +76,10 @@ def remote() -> Iterator[dict[str, str]]:
 
 
 def test_local_mode_reproduces_reference(tmp_path, reference):
-    result = illusion("generate", *case_args("flip"), *TINY, "--save-dir", str(tmp_path),
-                      "--name", "flip", "--save-tensors", "--num-samples", "2")
+    # Two local stage-2 replicas (one per device; here both on the CPU) share the samples.
+    result = illusion("-v", "generate", *case_args("flip"), *TINY, "--save-dir", str(tmp_path),
+                      "--name", "flip", "--save-tensors", "--num-samples", "2",
+                      "--stage2-devices", "cpu", "cpu")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "flip"
     assert_matches_reference(run / "0000", "flip", reference)
@@ -92,6 +94,7 @@ def test_local_mode_reproduces_reference(tmp_path, reference):
     assert meta["samples_done"] == [0, 1] and meta["views"][1]["name"] == "flip"
     assert meta["models"]["stage1"]["model"] == str(STAGE1_DIR)
     assert not list(run.glob(".*partial"))
+    assert "and 2 stage-2 service(s)" in result.stderr
 
 
 def test_remote_services_reproduce_reference_with_style(tmp_path, remote, reference):
