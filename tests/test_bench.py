@@ -30,3 +30,41 @@ def test_baseline_reproduces_reference(name, text_encoder, stage1, stage2, refer
 def test_cuda_graphs_are_not_enabled_on_cpu(stage1):
     assert stage1.enable_cuda_graphs() is False
     assert stage1.graphed is None
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_unet_flops_are_counted_without_weights(number, stage1, stage2):
+    """The throughput benchmark counts UNet FLOPs on the meta device (no weights, no GPU): the
+    count equals that of a real forward of the same UNet, and grows with the rows. (The real
+    forward uses attention's math kernel, whose matmuls the counter sees; the CPU's fused kernel
+    goes uncounted, while on the GPU the fused kernels are counted.)"""
+    import torch
+    from conftest import STAGE1_DIR, STAGE2_DIR
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.throughput import unet_flops_per_row
+
+    stage, directory = (stage1, STAGE1_DIR) if number == 1 else (stage2, STAGE2_DIR)
+    unet = stage.unet
+    size, dim = unet.config.sample_size, unet.config.encoder_hid_dim
+    counted = []
+    for rows in (1, 3):
+        counter = FlopCounterMode(display=False)
+        labels = torch.full((rows,), 50) if number == 2 else None
+        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            unet(torch.zeros(rows, unet.config.in_channels, size, size), torch.tensor(500),
+                 encoder_hidden_states=torch.zeros(rows, 77, dim), class_labels=labels)
+        counted.append(counter.get_total_flops())
+    assert counted[1] == 3 * counted[0] > 0
+    assert unet_flops_per_row(directory, number) == counted[0]
+
+
+def test_dense_peak_and_scaling():
+    from bench.throughput import dense_fp16_peak_tflops, scaling_efficiency
+
+    assert dense_fp16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert dense_fp16_peak_tflops("NVIDIA H200") == 989.4
+    assert dense_fp16_peak_tflops("Some Other GPU") is None
+    efficiency = scaling_efficiency({1: 10.0, 2: 19.0, 3: 24.0})
+    assert efficiency == pytest.approx({1: 1.0, 2: 0.95, 3: 0.8})
