@@ -169,32 +169,46 @@ def run_baseline(cascade: str, n_views: int, steps: int, guidance: float, dtype:
 def run_services(cascade: str, n_views: int, steps: int, guidance: float, dtype: str,
                  repeats: int, encoder_device: str, encoder_dtype: str,
                  max_batch: int = 0, quantize: str = "none",
-                 encoder_quantize: str = "none", stage2_max_batch: int | None = None
-                 ) -> dict[str, Any]:
-    """The same work through the three real services (local mode) on this machine's GPU(s)."""
+                 encoder_quantize: str = "none", stage2_max_batch: int | None = None,
+                 stage2_device: str = "auto", compile_unets: bool = False) -> dict[str, Any]:
+    """The same work through the three real services (local mode) on this machine's GPU(s).
+
+    ``encoder_device="none"``: no encoder service; random embeddings go to the stage services
+    (for figures of the GPU processes when the encoder runs on the CPU, without building T5-XXL's
+    random weights on the CPU, which takes minutes)."""
     s1_dir, s2_dir = (str(CONFIGS / name) for name in CASCADES[cascade])
-    gpus = torch.cuda.device_count()
-    stage2_device = "cuda:1" if gpus > 1 else "cuda:0"
+    if stage2_device == "auto":
+        stage2_device = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    unet_options: dict[str, Any] = {"quantize": quantize, "random_weights": True,
+                                    "compile": compile_unets}
     specs = [
-        LocalServiceSpec("encoder", str(ENCODER), encoder_device, encoder_dtype,
-                         quantize=encoder_quantize, random_weights=True),
-        LocalServiceSpec("stage1", s1_dir, "cuda:0", dtype, quantize=quantize,
-                         random_weights=True, max_batch=max_batch),
-        LocalServiceSpec("stage2", s2_dir, stage2_device, dtype, quantize=quantize,
-                         random_weights=True,
-                         max_batch=max_batch if stage2_max_batch is None else stage2_max_batch),
+        LocalServiceSpec("stage1", s1_dir, "cuda:0", dtype, max_batch=max_batch, **unet_options),
+        LocalServiceSpec("stage2", s2_dir, stage2_device, dtype,
+                         max_batch=max_batch if stage2_max_batch is None else stage2_max_batch,
+                         **unet_options),
     ]
+    with_encoder = encoder_device != "none"
+    if with_encoder:
+        specs.insert(0, LocalServiceSpec("encoder", str(ENCODER), encoder_device, encoder_dtype,
+                                         quantize=encoder_quantize, random_weights=True))
     prompts = [f"prompt number {k}" for k in range(n_views)]
     specs_pb = [pb.ViewSpec(name=name) for name in VIEW_SETS[n_views]]
     local = LocalServices(specs)
     sampler = GpuMemorySampler()  # from SERVING on: loading may peak higher than serving
     with local as addresses, CascadeClient(
-        addresses["encoder"], addresses["stage1"], addresses["stage2"], timeout=600
+        addresses.get("encoder", addresses["stage1"]), addresses["stage1"], addresses["stage2"],
+        timeout=1800,
     ) as client, sampler:
         pids = {child.process.pid: child.spec.kind for child in local.children}
-        client.check()
+        services = [child.spec.kind for child in local.children]
+        for kind in services:
+            client.services[kind].check(10.0)
         t0 = time.perf_counter()
-        prompt_embeds, negative = client.encode(prompts)
+        if with_encoder:
+            prompt_embeds, negative = client.encode(prompts)
+        else:
+            t5 = json.loads((ENCODER / "text_encoder" / "config.json").read_text())
+            prompt_embeds, negative = _embeds(n_views, int(t5["d_model"]), torch.float32)
         encode_s = time.perf_counter() - t0
         rows = []
         for r in range(repeats + 1):
@@ -225,7 +239,7 @@ def run_services(cascade: str, n_views: int, steps: int, guidance: float, dtype:
             row["serialize_s"] += time.perf_counter() - t
             if r:
                 rows.append(row)
-        info = client.describe()
+        info = client.describe(services)
     result = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
     result["encode_s"] = encode_s
     result["peak_reserved_gib"] = {k: v.peak_memory_bytes / GiB for k, v in info.items()}
@@ -261,7 +275,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=10.0)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--encoder-device", default="cuda:0")
+    parser.add_argument("--encoder-device", default="cuda:0",
+                        help="cuda:N, cpu, or none: random embeddings, no encoder service")
     parser.add_argument("--encoder-dtype", default="float16")
     parser.add_argument("--max-batch", type=int, default=0,
                         help="services: most rows per UNet call (0: all)")
@@ -271,6 +286,10 @@ def main() -> None:
     parser.add_argument("--encoder-quantize", default="none", choices=QUANTIZE_CHOICES)
     parser.add_argument("--stage2-max-batch", type=int, default=None,
                         help="services: rows per stage-2 UNet call (default: --max-batch)")
+    parser.add_argument("--stage2-device", default="auto",
+                        help="services: stage 2's GPU (default cuda:1 when there are several)")
+    parser.add_argument("--compile", action="store_true",
+                        help="services: torch.compile the UNets (compiles in the warm-up run)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-services", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
@@ -291,7 +310,8 @@ def main() -> None:
                                                  args.dtype, args.repeats, args.encoder_device,
                                                  args.encoder_dtype, args.max_batch,
                                                  args.quantize, args.encoder_quantize,
-                                                 args.stage2_max_batch)
+                                                 args.stage2_max_batch, args.stage2_device,
+                                                 args.compile)
             if "baseline" in entry and "services" in entry:
                 entry["ratio_end_to_end"] = (entry["services"]["end_to_end_s"]
                                              / entry["baseline"]["end_to_end_s"])

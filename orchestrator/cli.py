@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--model is a config directory: build the model with random weights")
     srv.add_argument("--no-cuda-graphs", action="store_true",
                      help="run UNet calls eagerly instead of replaying CUDA graphs (GPU only)")
+    srv.add_argument("--compile", action="store_true",
+                     help="torch.compile the UNet: faster calls (fused kernels), at minutes of "
+                          "compiling on the first call of each row count; fp16 rounding "
+                          "differs slightly from the default kernels")
     srv.add_argument("--max-batch", type=int, default=0, metavar="N",
                      help="most rows per UNet call (2 per view); smaller bounds GPU memory. "
                           "0: all at once")
@@ -275,6 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         random_weights=args.random_weights,
         cuda_graphs=not args.no_cuda_graphs,
+        compile=args.compile,
         max_batch=args.max_batch,
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,

@@ -322,10 +322,11 @@ class CascadeClient:
         return self._with_retries(
             name, lambda: call(request, timeout=timeout, metadata=self.metadata), timeout)
 
-    def describe(self) -> dict[str, pb.ModelInfo]:
+    def describe(self, services: Sequence[str] = ("encoder", "stage1", "stage2")
+                 ) -> dict[str, pb.ModelInfo]:
         stubs = {"encoder": self._encoder, "stage1": self._stage1, "stage2": self._stage2}
-        return {name: self._unary(name, stub.Describe, pb.DescribeRequest(), 30.0)
-                for name, stub in stubs.items()}
+        return {name: self._unary(name, stubs[name].Describe, pb.DescribeRequest(), 30.0)
+                for name in services}
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (prompt_embeds (N,77,D), negative_prompt_embeds (1,77,D))."""

@@ -41,6 +41,7 @@ class LocalServiceSpec:
     random_weights: bool = False
     max_batch: int = 0  # UNet services only
     max_concurrent: int = 1  # UNet services: requests that share UNet calls
+    compile: bool = False  # UNet services: torch.compile the UNet
 
     def command(self) -> list[str]:
         cmd = [
@@ -53,6 +54,8 @@ class LocalServiceSpec:
             cmd += ["--max-batch", str(self.max_batch)]
         if self.kind != "encoder" and self.max_concurrent > 1:
             cmd += ["--max-concurrent", str(self.max_concurrent)]
+        if self.kind != "encoder" and self.compile:
+            cmd.append("--compile")
         return cmd + (["--random-weights"] if self.random_weights else [])
 
 

@@ -142,3 +142,5 @@ def test_local_mode_starts_stage_services_for_the_batch():
     assert stage[stage.index("--max-concurrent") + 1] == "4"
     assert "--max-concurrent" not in LocalServiceSpec("stage2", "m").command()
     assert "--max-concurrent" not in LocalServiceSpec("encoder", "m", max_concurrent=4).command()
+    assert "--compile" in LocalServiceSpec("stage2", "m", compile=True).command()
+    assert "--compile" not in LocalServiceSpec("encoder", "m", compile=True).command()

@@ -108,6 +108,11 @@ def load_stage(config: ServerConfig, stage_number: int) -> UNetStage:
         image = torch.zeros(1, 3, stage.sample_size // 4, stage.sample_size // 4)
         sample_stage_2(stage, image, zeros, zeros, views, generator, params)
     logger.info("stage %d warmed up", stage_number)
+    if config.compile:
+        # After the warm-up, so that start-up does not compile a row count no request may use.
+        stage.compile()
+        logger.info("stage %d compiles its UNet on the first call of each row count (minutes "
+                    "for full-size models)", stage_number)
     return stage
 
 
