@@ -186,8 +186,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--batch", type=int, nargs="+", default=[16],
                         help="samples in flight per stage on one GPU (each value is one run)")
-    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3],
-                        help="stage-2 replica counts, one GPU each (needs that many GPUs + 1)")
+    parser.add_argument("--replicas", type=int, nargs="*", default=[1, 2, 3],
+                        help="stage-2 replica counts, one GPU each (needs that many GPUs + 1); "
+                             "none: one GPU only")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=10.0)
     parser.add_argument("--stage1-max-batch", type=int, default=0)
@@ -208,7 +209,7 @@ def main() -> None:
     if peak is None:
         raise SystemExit(f"unknown dense fp16 peak of {env['gpu']!r}: pass --peak-tflops")
     gpus = torch.cuda.device_count()
-    replicas = sorted(k for k in args.replicas if k < gpus)
+    replicas = sorted(k for k in set(args.replicas) if 1 <= k < gpus)
     report: dict[str, Any] = {"environment": env, "settings": vars(args) | {"out": str(args.out)},
                               "dense_fp16_peak_tflops": peak,
                               "matmul_fp16_tflops": matmul_tflops()}
