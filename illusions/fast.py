@@ -73,7 +73,10 @@ class GraphedUNet:
         # them back before the capture allocates its own, or the process peaks at both.
         torch.cuda.synchronize(sample.device)
         torch.cuda.empty_cache()
-        with torch.cuda.graph(static.graph, pool=self._pool):
+        # thread_local: a stage service prepares requests (host-to-device copies, allocations)
+        # on its handler threads while this thread captures; the default "global" mode would
+        # make those calls fail. They run on other streams and do not enter the graph.
+        with torch.cuda.graph(static.graph, pool=self._pool, capture_error_mode="thread_local"):
             static.out = self._eager(static.sample, static.timestep, static.embeds,
                                      static.class_labels)
         return static
