@@ -103,13 +103,15 @@ def main() -> None:
     parser.add_argument("--cascade", default="M/M", choices=CASCADES)
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["eager", "channels_last", "graph"])
+    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2], choices=[1, 2])
     args = parser.parse_args()
-    s1, s2 = (str(CONFIGS / name) for name in CASCADES[args.cascade])
-    report = {"environment": environment(), "cascade": args.cascade, "views": args.views,
-              "stage1": measure(1, s1, args.views, args.modes)}
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    report["stage2"] = measure(2, s2, args.views, args.modes)
+    dirs = {k: str(CONFIGS / name) for k, name in zip((1, 2), CASCADES[args.cascade], strict=True)}
+    report: dict[str, Any] = {"environment": environment(), "cascade": args.cascade,
+                              "views": args.views}
+    for number in args.stages:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        report[f"stage{number}"] = measure(number, dirs[number], args.views, args.modes)
     print(json.dumps(report, indent=2))
 
 
