@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stage2-devices", nargs="+", default=None, metavar="DEV",
                      help="local mode: one stage-2 replica per device, e.g. cuda:1 cuda:2 "
                           "(default: one on --device); samples are spread over them")
+    gen.add_argument("--compile", action="store_true",
+                     help="local mode: the stage services torch.compile their UNets (about 1.5 "
+                          "min per stage before the first sample, then up to ~2x faster UNet "
+                          "calls on a GPU; pays off over many samples)")
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
     gen.add_argument("--retry-timeout", type=float, default=120.0, metavar="S",
@@ -351,6 +355,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "--stage2-devices starts local replicas; with remote services list their "
                 "addresses in --stage2 instead"
             )
+        if args.compile:
+            raise InvalidInputError(
+                "--compile applies to local mode; start remote stage services with "
+                "`illusion serve ... --compile` instead"
+            )
         security = client_security(args)
         with CascadeClient(args.encoder, args.stage1, args.stage2, timeout=args.timeout,
                            retry_timeout=args.retry_timeout, security=security) as client:
@@ -377,12 +386,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              _resolve_dtype(args.encoder_dtype, args.encoder_device),
                              args.encoder_quantize, args.random_weights),
             LocalServiceSpec("stage1", args.stage1_model, device, dtype, args.quantize,
-                             args.random_weights, args.max_batch, args.batch),
+                             args.random_weights, args.max_batch, args.batch,
+                             compile=args.compile),
         ]
         stage2_devices = [str(parse_device(d)) for d in args.stage2_devices or [device]]
         specs += [
             LocalServiceSpec("stage2", args.stage2_model, d, _resolve_dtype(args.dtype, d),
-                             args.quantize, args.random_weights, args.max_batch, args.batch)
+                             args.quantize, args.random_weights, args.max_batch, args.batch,
+                             compile=args.compile)
             for d in stage2_devices
         ]
         logger.info("local mode: starting the encoder, stage-1 and %d stage-2 service(s)",
