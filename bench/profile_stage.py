@@ -2,6 +2,11 @@
 torch.profiler table of one stage's loop (random weights, real configs, CUDA graphs on).
 
     python -m bench.profile_stage --cascade M/M --stage 2 --views 2
+    python -m bench.profile_stage --cascade M/M --stage 1 --samples 16   # jobs sharing calls
+
+With ``--samples N`` the loop is N jobs sharing each UNet call (``run_batched``, as a service
+started with ``--max-concurrent N`` runs them), and the UNet calls timed back to back have the
+N jobs' rows.
 """
 
 from __future__ import annotations
@@ -15,7 +20,14 @@ from torch.profiler import ProfilerActivity, profile
 from bench.run import CASCADES, CONFIGS, VIEW_SETS, _embeds
 from illusions import scheduling
 from illusions.models import load_unet_stage
-from illusions.sampling import SamplingParams, sample_stage_1, sample_stage_2
+from illusions.sampling import (
+    SamplingParams,
+    run_batched,
+    sample_stage_1,
+    sample_stage_2,
+    stage_1_job,
+    stage_2_job,
+)
 from illusions.views import build_views
 
 
@@ -25,6 +37,8 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--samples", type=int, default=1, help="jobs sharing each UNet call")
+    parser.add_argument("--rows", type=int, default=25, help="rows of each profiler table")
     args = parser.parse_args()
     directory = str(CONFIGS / CASCADES[args.cascade][args.stage - 1])
     stage = load_unet_stage(directory, args.stage, device="cuda", dtype=torch.float16,
@@ -38,6 +52,12 @@ def main() -> None:
 
     def run() -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
+        if args.samples > 1:
+            make = stage_1_job if args.stage == 1 else (
+                lambda st, *a: stage_2_job(st, image, *a))
+            jobs = [make(stage, prompt, negative, views, torch.Generator().manual_seed(k),
+                         params) for k in range(args.samples)]
+            return run_batched(stage, jobs)[0]
         if args.stage == 1:
             return sample_stage_1(stage, prompt, negative, views, generator, params)
         return sample_stage_2(stage, image, prompt, negative, views, generator, params)
@@ -48,7 +68,7 @@ def main() -> None:
     t0 = time.perf_counter()
     run()
     torch.cuda.synchronize()
-    print(f"one loop: {(time.perf_counter() - t0) * 1000:.1f} ms")
+    print(f"one loop ({args.samples} sample(s)): {(time.perf_counter() - t0) * 1000:.1f} ms")
 
     size = stage.sample_size
     stream = scheduling.NoiseStream(torch.Generator().manual_seed(0), stage.device)
@@ -58,11 +78,13 @@ def main() -> None:
     torch.cuda.synchronize()
     print(f"{args.steps} noise draws: {(time.perf_counter() - t0) * 1000:.1f} ms")
 
-    x = torch.randn(2 * args.views, stage.unet.config.in_channels, size, size, device="cuda",
+    rows = 2 * args.views * args.samples
+    x = torch.randn(rows, stage.unet.config.in_channels, size, size, device="cuda",
                     dtype=torch.float16)
-    emb = torch.cat([negative.expand_as(prompt), prompt]).cuda()
-    labels = torch.full((2 * args.views,), 50, device="cuda") if args.stage == 2 else None
-    t = torch.tensor(500, device="cuda")
+    emb = torch.cat([negative.expand_as(prompt), prompt]).cuda().repeat(args.samples, 1, 1)
+    labels = torch.full((rows,), 50, device="cuda") if args.stage == 2 else None
+    t = (torch.tensor(500, device="cuda") if args.samples == 1
+         else torch.full((rows,), 500, device="cuda"))
     for _ in range(3):
         stage.predict(x, t, emb, labels)
     torch.cuda.synchronize()
@@ -70,14 +92,14 @@ def main() -> None:
     for _ in range(args.steps):
         stage.predict(x, t, emb, labels)
     torch.cuda.synchronize()
-    print(f"{args.steps} replayed UNet calls back to back: "
+    print(f"{args.steps} replayed UNet calls of {rows} rows back to back: "
           f"{(time.perf_counter() - t0) * 1000:.1f} ms")
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":
