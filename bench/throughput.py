@@ -194,6 +194,11 @@ def main() -> None:
     parser.add_argument("--stage1-max-batch", type=int, default=0)
     parser.add_argument("--stage2-max-batch", type=int, default=16,
                         help="rows per stage-2 UNet call (bounds activation memory)")
+    parser.add_argument("--compile", action="store_true",
+                        help="stage services torch.compile their UNets")
+    parser.add_argument("--fixed-batch", action="store_true",
+                        help="stage services pad every UNet call to their max batch (one shape; "
+                             "needs --stage1-max-batch)")
     parser.add_argument("--encoder-device", default="cuda:0")
     parser.add_argument("--encoder-dtype", default="float16")
     parser.add_argument("--baseline-repeats", type=int, default=2)
@@ -204,6 +209,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    if args.fixed_batch and args.stage1_max_batch < 1:
+        parser.error("--fixed-batch needs --stage1-max-batch N (e.g. 4 x views x --batch)")
     env = environment()
     peak = args.peak_tflops or dense_fp16_peak_tflops(env["gpu"] or "")
     if peak is None:
@@ -238,7 +245,8 @@ def main() -> None:
 
         def unet_spec(kind: str, model: str, device: str, max_batch: int) -> LocalServiceSpec:
             return LocalServiceSpec(kind, model, device, "float16", random_weights=True,
-                                    max_batch=max_batch, max_concurrent=most)
+                                    max_batch=max_batch, max_concurrent=most,
+                                    compile=args.compile, fixed_batch=args.fixed_batch)
 
         specs = [LocalServiceSpec("encoder", str(ENCODER), args.encoder_device,
                                   args.encoder_dtype, random_weights=True),

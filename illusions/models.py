@@ -295,6 +295,7 @@ class UNetStage:
     graphed: Any | None = None  # illusions.fast.GraphedUNet once CUDA graphs are enabled
     compiled: Any | None = None  # torch.compile'd UNet once compile() was called
     max_batch: int = 0  # most rows per UNet call (0: all 2 x views rows at once)
+    fixed_batch: bool = False  # every UNet call runs exactly max_batch rows (short ones padded)
 
     @property
     def sample_size(self) -> int:
@@ -314,6 +315,9 @@ class UNetStage:
 
         With ``max_batch`` set, the rows go through the UNet in chunks of at most that many, which
         bounds activation memory (the results differ from one big batch only by float rounding).
+        With ``fixed_batch`` too, a shorter chunk is padded to ``max_batch`` rows (copies of its
+        last row, whose outputs are dropped) and the timestep given per row, so every call has one
+        shape: one CUDA graph, one compiled kernel set, whatever mix of requests shares the call.
         """
         step = self.max_batch or sample.shape[0]
         outputs = []
@@ -321,12 +325,36 @@ class UNetStage:
             rows = slice(start, start + step)
             labels = None if class_labels is None else class_labels[rows]
             t = timestep[rows] if torch.is_tensor(timestep) and timestep.ndim else timestep
+            if self.fixed_batch and self.max_batch:
+                outputs.append(self._padded(sample[rows], t, embeds[rows], labels))
+                continue
             if self.graphed is not None:
                 outputs.append(self.graphed(sample[rows], t, embeds[rows], labels))
             else:
                 outputs.append(self.forward(sample[rows], t, encoder_hidden_states=embeds[rows],
                                             class_labels=labels, return_dict=False)[0])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _padded(self, sample: torch.Tensor, timestep: Any, embeds: torch.Tensor,
+                labels: torch.Tensor | None) -> torch.Tensor:
+        """One UNet call of exactly ``max_batch`` rows for ``sample``'s rows (at most that many)."""
+        real = sample.shape[0]
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(real)
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            extra = self.max_batch - real
+            return x if extra == 0 else torch.cat([x, x[-1:].expand(extra, *x.shape[1:])])
+
+        sample, timestep, embeds = pad(sample), pad(timestep), pad(embeds)
+        labels = None if labels is None else pad(labels)
+        if self.graphed is not None:
+            out = self.graphed(sample, timestep, embeds, labels)
+        else:
+            out = self.forward(sample, timestep, encoder_hidden_states=embeds,
+                               class_labels=labels, return_dict=False)[0]
+        return out[:real]
 
     def enable_cuda_graphs(self) -> bool:
         """Replay UNet calls from CUDA graphs (bit-identical, far fewer launches). CUDA only."""

@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=0, metavar="N",
                      help="most rows per UNet call (2 per view); smaller bounds GPU memory. "
                           "0: all at once")
+    srv.add_argument("--fixed-batch", action="store_true",
+                     help="every UNet call runs exactly --max-batch rows, short ones padded: one "
+                          "CUDA graph and one compiled shape for any mix of requests (with "
+                          "--max-concurrent and --compile)")
     srv.add_argument("--max-concurrent", type=int, default=1, metavar="N",
                      help="requests sampled at once; a stage service runs them through shared "
                           "UNet calls, step by step (more throughput, more GPU memory unless "
@@ -268,6 +272,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.common.server import ServerConfig, configure_logging
 
     security = server_security(args)  # a missing or unreadable file: one line, before anything
+    if args.fixed_batch and args.max_batch < 1:
+        raise InvalidInputError("--fixed-batch pads every UNet call to --max-batch rows: give "
+                                "--max-batch N too (e.g. 16)")
     configure_logging()
     # Before CUDA starts: segments that grow in place keep the CUDA graphs' memory pools compact
     # (docs/benchmarks.md: the int8 IF-I-XL process 8.3 -> 6.3 GiB). A setting of the user's wins.
@@ -285,6 +292,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cuda_graphs=not args.no_cuda_graphs,
         compile=args.compile,
         max_batch=args.max_batch,
+        fixed_batch=args.fixed_batch,
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
         parent_pid=args.parent_pid,

@@ -42,6 +42,7 @@ class LocalServiceSpec:
     max_batch: int = 0  # UNet services only
     max_concurrent: int = 1  # UNet services: requests that share UNet calls
     compile: bool = False  # UNet services: torch.compile the UNet
+    fixed_batch: bool = False  # UNet services: every UNet call has max_batch rows
 
     def command(self) -> list[str]:
         cmd = [
@@ -56,6 +57,8 @@ class LocalServiceSpec:
             cmd += ["--max-concurrent", str(self.max_concurrent)]
         if self.kind != "encoder" and self.compile:
             cmd.append("--compile")
+        if self.kind != "encoder" and self.fixed_batch:
+            cmd.append("--fixed-batch")
         return cmd + (["--random-weights"] if self.random_weights else [])
 
 

@@ -73,6 +73,27 @@ def test_stage_1_batched_in_chunks(stage1, prompts, alone):
         assert (a - b).abs().max() <= TOLERANCE
 
 
+def test_fixed_batch_pads_every_call_to_one_shape(stage1, prompts, alone):
+    """--fixed-batch: jobs of 4 and 6 rows that end at different steps share calls whose row
+    count changes (14, 10, 4); every UNet call still has exactly max_batch rows, and the padding
+    changes no result."""
+    seen: list[tuple[int, ...]] = []
+    hook = stage1.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].shape[0], args[1].shape[0])),
+        with_kwargs=True)
+    stage1.max_batch, stage1.fixed_batch = 4, True
+    try:
+        batched = run_batched(stage1, _stage_1_jobs(stage1, prompts))
+        single = run_job(stage1, _stage_1_jobs(stage1, prompts)[0])  # alone: 0-d timestep
+    finally:
+        stage1.max_batch, stage1.fixed_batch = 0, False
+        hook.remove()
+    assert len(seen) > 5 and set(seen) == {(4, 4)}, seen
+    for a, b in zip(alone, batched, strict=True):
+        assert (a - b).abs().max() <= TOLERANCE
+    assert (single - alone[0]).abs().max() <= TOLERANCE
+
+
 def test_stage_2_batched_equals_alone(stage2, prompts):
     two, three, negative = prompts
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -287,3 +287,16 @@ def test_ctrl_c_in_local_mode_stops_the_services_and_keeps_no_partial_sample(tmp
     assert not alive, [c.cmdline() for c in alive]
     assert not (tmp_path / "c" / "0000").exists()
     assert not list((tmp_path / "c").glob(".*partial"))
+
+
+def test_option_combinations_that_cannot_work_are_refused_before_anything_starts(capsys):
+    from orchestrator.cli import main
+
+    assert main(["serve", "stage1", "--fixed-batch"]) == 2
+    assert "give --max-batch N too" in capsys.readouterr().err
+    remote = ["generate", "--prompts", "a", "b", "--views", "identity", "flip",
+              "--encoder", "127.0.0.1:1", "--stage1", "127.0.0.1:2", "--stage2", "127.0.0.1:3"]
+    assert main([*remote, "--stage2-devices", "cuda:1"]) == 2
+    assert "list their addresses in --stage2" in capsys.readouterr().err
+    assert main([*remote, "--compile"]) == 2
+    assert "illusion serve ... --compile" in capsys.readouterr().err

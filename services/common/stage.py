@@ -95,6 +95,12 @@ def load_stage(config: ServerConfig, stage_number: int) -> UNetStage:
         quantize=config.quantize, random_weights=config.random_weights,
     )
     stage.max_batch = config.max_batch
+    stage.fixed_batch = config.fixed_batch
+    # With a fixed row count the one shape is known: compile before the warm-up, which compiles
+    # it, so the service is fully warm when it reports SERVING.
+    compile_first = config.compile and config.fixed_batch and config.max_batch > 0
+    if compile_first:
+        stage.compile()
     if config.cuda_graphs and stage.enable_cuda_graphs():
         logger.info("stage %d replays its UNet calls from CUDA graphs", stage_number)
     dim = int(stage.unet.config.encoder_hid_dim or stage.unet.config.cross_attention_dim)
@@ -108,7 +114,7 @@ def load_stage(config: ServerConfig, stage_number: int) -> UNetStage:
         image = torch.zeros(1, 3, stage.sample_size // 4, stage.sample_size // 4)
         sample_stage_2(stage, image, zeros, zeros, views, generator, params)
     logger.info("stage %d warmed up", stage_number)
-    if config.compile:
+    if config.compile and not compile_first:
         # After the warm-up, so that start-up does not compile a row count no request may use.
         stage.compile()
         logger.info("stage %d compiles its UNet on the first call of each row count (minutes "
