@@ -210,7 +210,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     if args.fixed_batch and args.stage1_max_batch < 1:
-        parser.error("--fixed-batch needs --stage1-max-batch N (e.g. 4 x views x --batch)")
+        parser.error("--fixed-batch needs --stage1-max-batch N (e.g. 2 x views x samples)")
     env = environment()
     peak = args.peak_tflops or dense_fp16_peak_tflops(env["gpu"] or "")
     if peak is None:
