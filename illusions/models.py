@@ -343,9 +343,10 @@ class UNetStage:
         if timestep.ndim == 0:
             timestep = timestep.expand(real)
 
-        def pad(x: torch.Tensor) -> torch.Tensor:
+        def pad(x: torch.Tensor) -> torch.Tensor:  # contiguous too: one layout, one compile
             extra = self.max_batch - real
-            return x if extra == 0 else torch.cat([x, x[-1:].expand(extra, *x.shape[1:])])
+            return (x.contiguous() if extra == 0
+                    else torch.cat([x, x[-1:].expand(extra, *x.shape[1:])]))
 
         sample, timestep, embeds = pad(sample), pad(timestep), pad(embeds)
         labels = None if labels is None else pad(labels)

@@ -194,3 +194,40 @@ def test_concurrent_requests_to_a_stage_service_share_calls_and_match_alone():
         assert result is not None
         assert (image - result[0]).abs().max() <= TOLERANCE
         assert torch.equal(state, result[1])
+
+
+def test_fixed_batch_service_compiles_its_one_shape_at_start_up(monkeypatch, prompts):
+    """serve --compile --fixed-batch --max-batch 4: the UNet is compiled during load_stage's
+    warm-up, and requests of other row counts (2, 4, 6 rows) compile nothing more. (A backend
+    that records what dynamo hands it stands in for inductor, which would take minutes here.)"""
+    from conftest import STAGE1_DIR
+
+    from illusions.models import UNetStage
+    from services.common.server import ServerConfig
+    from services.common.stage import load_stage
+
+    traced: list[int] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        traced.append(len(example_inputs))
+        return gm.forward
+
+    compile_with = UNetStage.compile
+    monkeypatch.setattr(UNetStage, "compile",
+                        lambda self, **kw: compile_with(self, backend=recording_backend))
+    torch._dynamo.reset()
+    try:
+        config = ServerConfig(service="stage1", model=str(STAGE1_DIR), compile=True,
+                              fixed_batch=True, max_batch=4)
+        stage = load_stage(config, 1)
+        assert traced, "nothing was compiled at start-up"
+        at_start = len(traced)
+        two, three, negative = prompts
+        params = SamplingParams(num_inference_steps=2, guidance_scale=3.0)
+        for embeds, names in ((two[:1], ["identity"]), (two, ["identity", "flip"]),
+                              (three, ["identity", "flip", "rotate_cw"])):
+            run_job(stage, stage_1_job(stage, embeds, negative, build_views(names),
+                                       new_generator(0), params))
+        assert len(traced) == at_start
+    finally:
+        torch._dynamo.reset()
