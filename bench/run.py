@@ -195,6 +195,7 @@ def run_services(cascade: str, n_views: int, steps: int, guidance: float, dtype:
     specs_pb = [pb.ViewSpec(name=name) for name in VIEW_SETS[n_views]]
     local = LocalServices(specs)
     sampler = GpuMemorySampler()  # from SERVING on: loading may peak higher than serving
+    # Without an encoder service the client's encoder address is never called: stage 1's stands in.
     with local as addresses, CascadeClient(
         addresses.get("encoder", addresses["stage1"]), addresses["stage1"], addresses["stage2"],
         timeout=1800,

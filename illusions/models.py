@@ -325,15 +325,17 @@ class UNetStage:
             rows = slice(start, start + step)
             labels = None if class_labels is None else class_labels[rows]
             t = timestep[rows] if torch.is_tensor(timestep) and timestep.ndim else timestep
-            if self.fixed_batch and self.max_batch:
-                outputs.append(self._padded(sample[rows], t, embeds[rows], labels))
-                continue
-            if self.graphed is not None:
-                outputs.append(self.graphed(sample[rows], t, embeds[rows], labels))
-            else:
-                outputs.append(self.forward(sample[rows], t, encoder_hidden_states=embeds[rows],
-                                            class_labels=labels, return_dict=False)[0])
+            call = self._padded if self.fixed_batch and self.max_batch else self._call
+            outputs.append(call(sample[rows], t, embeds[rows], labels))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _call(self, sample: torch.Tensor, timestep: Any, embeds: torch.Tensor,
+              labels: torch.Tensor | None) -> torch.Tensor:
+        """One UNet call: replayed from a CUDA graph if enabled, else the (compiled) UNet."""
+        if self.graphed is not None:
+            return self.graphed(sample, timestep, embeds, labels)
+        return self.forward(sample, timestep, encoder_hidden_states=embeds, class_labels=labels,
+                            return_dict=False)[0]
 
     def _padded(self, sample: torch.Tensor, timestep: Any, embeds: torch.Tensor,
                 labels: torch.Tensor | None) -> torch.Tensor:
@@ -348,14 +350,8 @@ class UNetStage:
             return (x.contiguous() if extra == 0
                     else torch.cat([x, x[-1:].expand(extra, *x.shape[1:])]))
 
-        sample, timestep, embeds = pad(sample), pad(timestep), pad(embeds)
         labels = None if labels is None else pad(labels)
-        if self.graphed is not None:
-            out = self.graphed(sample, timestep, embeds, labels)
-        else:
-            out = self.forward(sample, timestep, encoder_hidden_states=embeds,
-                               class_labels=labels, return_dict=False)[0]
-        return out[:real]
+        return self._call(pad(sample), pad(timestep), pad(embeds), labels)[:real]
 
     def enable_cuda_graphs(self) -> bool:
         """Replay UNet calls from CUDA graphs (bit-identical, far fewer launches). CUDA only."""
@@ -373,9 +369,7 @@ class UNetStage:
         IF-I-M/IF-II-M, docs/benchmarks.md), so the default path stays eager kernels."""
         self.compiled = torch.compile(self.unet, mode=mode, backend=backend, dynamic=False)
         if self.graphed is not None:  # graphs captured so far ran the eager UNet: start afresh
-            from illusions.fast import GraphedUNet
-
-            self.graphed = GraphedUNet(self.compiled)
+            self.enable_cuda_graphs()
 
 
 def _load_scheduler(source: str, subfolder: str, random_weights: bool) -> Any:

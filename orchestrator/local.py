@@ -51,14 +51,12 @@ class LocalServiceSpec:
             "--device", self.device, "--dtype", self.dtype, "--quantize", self.quantize,
             "--parent-pid", str(os.getpid()),
         ]
-        if self.kind != "encoder" and self.max_batch:
-            cmd += ["--max-batch", str(self.max_batch)]
-        if self.kind != "encoder" and self.max_concurrent > 1:
-            cmd += ["--max-concurrent", str(self.max_concurrent)]
-        if self.kind != "encoder" and self.compile:
-            cmd.append("--compile")
-        if self.kind != "encoder" and self.fixed_batch:
-            cmd.append("--fixed-batch")
+        if self.kind != "encoder":  # the UNet services' options
+            if self.max_batch:
+                cmd += ["--max-batch", str(self.max_batch)]
+            if self.max_concurrent > 1:
+                cmd += ["--max-concurrent", str(self.max_concurrent)]
+            cmd += ["--compile"] * self.compile + ["--fixed-batch"] * self.fixed_batch
         return cmd + (["--random-weights"] if self.random_weights else [])
 
 
