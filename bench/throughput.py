@@ -100,6 +100,48 @@ def scaling_efficiency(throughput: dict[int, float]) -> dict[int, float]:
     return {k: value / (k * one) for k, value in throughput.items()}
 
 
+class TimedClient(CascadeClient):
+    """A client that notes when each stage call starts and ends (``calls``: stage, start, end)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[str, float, float]] = []
+
+    def _sample(self, name: str, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        start = time.perf_counter()
+        try:
+            return super()._sample(name, *args)
+        finally:
+            self.calls.append((name, start, time.perf_counter()))
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def timeline(calls: list[tuple[str, float, float]], origin: float) -> dict[str, float]:
+    """When each stage had calls in flight, in seconds from ``origin``: first start, last end,
+    time with at least one call in flight, and the time both stages had calls in flight."""
+    out: dict[str, float] = {}
+    spans = {}
+    for stage in ("stage1", "stage2"):
+        spans[stage] = _union([(s, e) for name, s, e in calls if name == stage])
+        if spans[stage]:
+            out[f"{stage}_first_start_s"] = spans[stage][0][0] - origin
+            out[f"{stage}_last_end_s"] = spans[stage][-1][1] - origin
+            out[f"{stage}_in_flight_s"] = sum(e - s for s, e in spans[stage])
+    out["both_in_flight_s"] = sum(
+        max(0.0, min(e1, e2) - max(s1, s2))
+        for s1, e1 in spans["stage1"] for s2, e2 in spans["stage2"])
+    return out
+
+
 class Throughput:
     """Runs the timed work against services already started; keeps the figures in ``report``."""
 
@@ -128,6 +170,8 @@ class Throughput:
         """``generate`` of all samples, once untimed and once timed."""
         generate(self._config(), client, progress=False, stage1_workers=batch,
                  stage2_workers=parallel)
+        calls = client.calls if isinstance(client, TimedClient) else []
+        calls.clear()
         start = time.perf_counter()
         written = generate(self._config(), client, progress=False, stage1_workers=batch,
                            stage2_workers=parallel)
@@ -136,7 +180,19 @@ class Throughput:
         tflops = self.samples * (self.flops[1] + self.flops[2]) / wall / 1e12
         return {"batch": batch, "parallel": parallel, "gpus": gpus, "wall_s": wall,
                 "images_per_min": 60 * self.samples / wall, "unet_tflops": tflops,
-                "fraction_of_peak": tflops / (gpus * peak)}
+                "fraction_of_peak": tflops / (gpus * peak)} | timeline(calls, start)
+
+    def stage1_only(self, client: CascadeClient, embeds: pb.Tensor, negative: pb.Tensor,
+                    peak: float) -> tuple[dict[str, Any], list[pb.Stage2Request]]:
+        """Stage 1 of every sample at once, untimed and timed; its figures and the stage-2
+        requests it makes."""
+        self.stage1_outputs(client, embeds, negative)
+        start = time.perf_counter()
+        requests = self.stage1_outputs(client, embeds, negative)
+        wall = time.perf_counter() - start
+        tflops = len(requests) * self.flops[1] / wall / 1e12
+        return {"wall_s": wall, "images_per_min": 60 * len(requests) / wall,
+                "unet_tflops": tflops, "fraction_of_peak": tflops / peak}, requests
 
     def stage1_outputs(self, client: CascadeClient, embeds: pb.Tensor, negative: pb.Tensor
                        ) -> list[pb.Stage2Request]:
@@ -259,15 +315,16 @@ def main() -> None:
                          if c.spec.kind == "stage2"}
 
             def client(stage2: str) -> CascadeClient:
-                return CascadeClient(addresses["encoder"], addresses["stage1"], stage2,
-                                     timeout=1800)
+                return TimedClient(addresses["encoder"], addresses["stage1"], stage2,
+                                   timeout=1800)
 
             with client(by_device["cuda:0"]) as one_gpu:
                 one_gpu.check()
                 report["one_gpu"] = [bench.generate(one_gpu, b, b, 1, peak) for b in args.batch]
                 save()
                 embeds, negative = (codec.encode(t) for t in one_gpu.encode(list(bench.views)))
-                requests = bench.stage1_outputs(one_gpu, embeds, negative)
+                report["stage1_only"], requests = bench.stage1_only(one_gpu, embeds, negative,
+                                                                    peak)
             report["replicas"], report["stage2_only"] = [], []
             for k in replicas:
                 target = ",".join(by_device[f"cuda:{g}"] for g in range(1, k + 1))
@@ -279,6 +336,13 @@ def main() -> None:
                         | {"replicas": k})
                 save()
             if report["stage2_only"]:
+                # The cascade's UNet work with each stage alone on one GPU (no time shared
+                # between the stages, no pipeline filling or draining): FLOPs of both stages
+                # over the sum of the two stages' times.
+                busy = report["stage1_only"]["wall_s"] + report["stage2_only"][0]["wall_s"]
+                tflops = args.samples * (bench.flops[1] + bench.flops[2]) / busy / 1e12
+                report["cascade_stages_alone"] = {"wall_s": busy, "unet_tflops": tflops,
+                                                  "fraction_of_peak": tflops / peak}
                 report["stage2_scaling"] = scaling_efficiency(
                     {r["replicas"]: r["images_per_min"] for r in report["stage2_only"]})
                 report["end_to_end_scaling"] = scaling_efficiency(

@@ -68,3 +68,18 @@ def test_dense_peak_and_scaling():
     assert dense_fp16_peak_tflops("Some Other GPU") is None
     efficiency = scaling_efficiency({1: 10.0, 2: 19.0, 3: 24.0})
     assert efficiency == pytest.approx({1: 1.0, 2: 0.95, 3: 0.8})
+
+
+def test_timeline_of_stage_calls():
+    """The throughput run's timeline: overlapping calls of one stage count once, and the time
+    both stages had calls in flight is the overlap of the two unions."""
+    from bench.throughput import timeline
+
+    calls = [("stage1", 10.0, 14.0), ("stage1", 11.0, 15.0), ("stage2", 14.5, 20.0),
+             ("stage2", 16.0, 21.0), ("stage2", 22.0, 23.0)]
+    got = timeline(calls, origin=10.0)
+    assert got == pytest.approx({
+        "stage1_first_start_s": 0.0, "stage1_last_end_s": 5.0, "stage1_in_flight_s": 5.0,
+        "stage2_first_start_s": 4.5, "stage2_last_end_s": 13.0, "stage2_in_flight_s": 7.5,
+        "both_in_flight_s": 0.5})
+    assert timeline([], origin=0.0) == {"both_in_flight_s": 0.0}
