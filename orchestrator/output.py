@@ -131,7 +131,16 @@ def write_sample(run_dir: Path, seed: int, views: Sequence[View],
 
     ``prompts`` (one per view) label the sheets of views.
     """
-    final = sample_dir(run_dir, seed)
+    return publish_sample(stage_sample(run_dir, seed, views, images, save_tensors, prompts),
+                          run_dir, seed)
+
+
+def stage_sample(run_dir: Path, seed: int, views: Sequence[View],
+                 images: dict[int, torch.Tensor], save_tensors: bool,
+                 prompts: Sequence[str] | None = None) -> Path:
+    """Write a sample's files into its hidden ``.NNNN.partial`` folder (see ``write_sample``)
+    and return that folder; :func:`publish_sample` moves it into place. Several samples can be
+    staged at once (PNG encoding runs outside the GIL)."""
     partial = run_dir / f".{seed:04d}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -144,6 +153,16 @@ def write_sample(run_dir: Path, seed: int, views: Sequence[View],
             tensors = {names[i]: image.float().contiguous()
                        for i, (_, image) in enumerate(sorted(images.items()))}
             save_file(tensors, str(partial / "tensors.safetensors"))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return partial
+
+
+def publish_sample(partial: Path, run_dir: Path, seed: int) -> Path:
+    """Move a staged sample to ``run_dir/NNNN`` in one rename, replacing an older one there."""
+    final = sample_dir(run_dir, seed)
+    try:
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)

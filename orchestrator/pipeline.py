@@ -28,7 +28,7 @@ from illusions.sampling import InvalidInputError, SamplingParams
 from illusions.text import style_prompts
 from illusions.views import View, build_views
 from orchestrator.client import CascadeClient
-from orchestrator.output import sample_dir, write_json_atomic, write_sample
+from orchestrator.output import publish_sample, sample_dir, stage_sample, write_json_atomic
 from services.common import codec
 
 logger = logging.getLogger(__name__)
@@ -275,7 +275,12 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
         for k, name in enumerate(config.views)
     ]
     ref_message = codec.encode(ref_image) if ref_image is not None else pb.Tensor()
-    lock = threading.Lock()  # one sample written at a time: its files, `done`, metadata.json
+    # Samples' files are staged in parallel (outside the lock: PNG encoding releases the GIL);
+    # one at a time, under the lock, a staged sample is moved into place and recorded in `done`
+    # and metadata.json. `writing` counts samples being staged, so that generate returns only
+    # once none is left half-written.
+    lock = threading.Condition()
+    writing = 0
 
     def params_for(seed: int) -> pb.SamplingParams:
         return pb.SamplingParams(
@@ -293,7 +298,7 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
 
     def one_sample(seed: int) -> None:
         """Stage 1, stage 2 and the files of one sample (on a worker thread)."""
-        nonlocal done
+        nonlocal done, writing
         with stage1_slots:
             if failed.is_set():
                 return
@@ -319,11 +324,20 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
                 )
         images = {image64.shape[-1]: image64, image256.shape[-1]: image256}
         with lock:
-            if closed.is_set():  # generate has returned (an error elsewhere, or Ctrl-C)
+            if closed.is_set():  # generate is returning (an error elsewhere, or Ctrl-C)
                 return
-            write_sample(run_dir, seed, views, images, config.save_tensors, prompts)
-            done = sorted({*done, seed})
-            write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
+            writing += 1
+        try:
+            partial = stage_sample(run_dir, seed, views, images, config.save_tensors, prompts)
+            with lock:
+                publish_sample(partial, run_dir, seed)
+                done = sorted({*done, seed})
+                write_json_atomic(run_dir / "metadata.json",
+                                  _metadata(config, prompts, models, done))
+        finally:
+            with lock:
+                writing -= 1
+                lock.notify_all()
         logger.info("sample %04d done in %.1f s -> %s", seed, time.perf_counter() - started,
                     sample_dir(run_dir, seed))
 
@@ -343,10 +357,11 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
                 failed.set()  # a failed sample stops the run: no new call starts
                 raise
     finally:
-        # On an error or Ctrl-C: a sample being written is finished, samples not started are
+        # On an error or Ctrl-C: samples being written are finished, samples not started are
         # dropped, calls in flight end with the client's channels and their samples are not written.
         failed.set()
         with lock:
             closed.set()
+            lock.wait_for(lambda: writing == 0)
         pool.shutdown(wait=False, cancel_futures=True)
     return [sample_dir(run_dir, seed) for seed in seeds]

@@ -3,6 +3,7 @@ earlier ones (one stage-2 call per replica in flight), and no picture changes.""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -22,9 +23,11 @@ class StandIn:
     """A CascadeClient stand-in that records when each call starts and ends."""
 
     def __init__(self, stage2_seconds: float = 0.3, fail_seed: int | None = None,
-                 stage1_seconds: float = 0.05) -> None:
+                 stage1_seconds: float = 0.05, stage2_by_seed: dict[int, float] | None = None
+                 ) -> None:
         self.stage1_seconds = stage1_seconds
         self.stage2_seconds = stage2_seconds
+        self.stage2_by_seed = stage2_by_seed or {}
         self.fail_seed = fail_seed
         self.events: list[tuple[float, str, str, int]] = []
         self._lock = threading.Lock()
@@ -50,7 +53,7 @@ class StandIn:
     def stage2(self, request, progress=None):
         seed = request.params.seed
         self._log("stage2", "start", seed)
-        time.sleep(self.stage2_seconds)
+        time.sleep(self.stage2_by_seed.get(seed, self.stage2_seconds))
         if seed == self.fail_seed:
             raise ServiceError("stage2 at 127.0.0.1:9 is unavailable")
         self._log("stage2", "end", seed)
@@ -112,6 +115,55 @@ def test_a_failed_sample_stops_the_run_and_keeps_finished_ones(tmp_path):
     run = tmp_path / "run"
     assert (run / "0000").is_dir() and not (run / "0001").exists()
     assert not list(run.glob(".*.partial"))
+
+
+class SlowStaging:
+    """Wraps ``stage_sample`` so that staging takes ``seconds``; records the most at once."""
+
+    def __init__(self, seconds: float) -> None:
+        from orchestrator import output
+
+        self.real = output.stage_sample
+        self.seconds = seconds
+        self.now = self.peak = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            time.sleep(self.seconds)
+            return self.real(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_samples_finished_together_are_written_in_parallel(tmp_path, monkeypatch):
+    staging = SlowStaging(0.3)
+    monkeypatch.setattr("orchestrator.pipeline.stage_sample", staging)
+    client = StandIn(stage2_seconds=0.05)
+    written = generate(_config(tmp_path, 4), client, progress=False, stage1_workers=4,
+                       stage2_workers=4)
+    assert staging.peak >= 2
+    assert all((p / "sample_16.png").is_file() for p in written)
+    metadata = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    assert metadata["samples_done"] == [0, 1, 2, 3]
+
+
+def test_a_sample_being_written_when_another_fails_is_finished(tmp_path, monkeypatch):
+    """Seed 1's stage 2 fails while seed 0's files are being written: generate raises only once
+    seed 0 is in place, and leaves no partial folder."""
+    monkeypatch.setattr("orchestrator.pipeline.stage_sample", SlowStaging(0.6))
+    client = StandIn(fail_seed=1, stage2_by_seed={0: 0.05, 1: 0.3})
+    with pytest.raises(ServiceError, match="unavailable"):
+        generate(_config(tmp_path, 2), client, progress=False, stage1_workers=2,
+                 stage2_workers=2)
+    run = tmp_path / "run"
+    assert (run / "0000" / "sample_16.png").is_file() and not (run / "0001").exists()
+    assert not list(run.glob(".*.partial"))
+    assert json.loads((run / "metadata.json").read_text())["samples_done"] == [0]
 
 
 def test_batched_and_pipelined_over_two_replicas_equals_one_at_a_time(tmp_path):
