@@ -325,6 +325,15 @@ def main() -> None:
                 embeds, negative = (codec.encode(t) for t in one_gpu.encode(list(bench.views)))
                 report["stage1_only"], requests = bench.stage1_only(one_gpu, embeds, negative,
                                                                     peak)
+                report["stage2_only_one_gpu"] = bench.stage2_only(one_gpu, requests, 1, peak)
+                # The cascade's UNet work on that one GPU with each stage running alone (no time
+                # shared between the two processes, no pipeline filling or draining): FLOPs of
+                # both stages over the sum of the two stages' times.
+                busy = report["stage1_only"]["wall_s"] + report["stage2_only_one_gpu"]["wall_s"]
+                tflops = args.samples * (bench.flops[1] + bench.flops[2]) / busy / 1e12
+                report["cascade_stages_alone"] = {"wall_s": busy, "unet_tflops": tflops,
+                                                  "fraction_of_peak": tflops / peak}
+                save()
             report["replicas"], report["stage2_only"] = [], []
             for k in replicas:
                 target = ",".join(by_device[f"cuda:{g}"] for g in range(1, k + 1))
@@ -336,13 +345,6 @@ def main() -> None:
                         | {"replicas": k})
                 save()
             if report["stage2_only"]:
-                # The cascade's UNet work with each stage alone on one GPU (no time shared
-                # between the stages, no pipeline filling or draining): FLOPs of both stages
-                # over the sum of the two stages' times.
-                busy = report["stage1_only"]["wall_s"] + report["stage2_only"][0]["wall_s"]
-                tflops = args.samples * (bench.flops[1] + bench.flops[2]) / busy / 1e12
-                report["cascade_stages_alone"] = {"wall_s": busy, "unet_tflops": tflops,
-                                                  "fraction_of_peak": tflops / peak}
                 report["stage2_scaling"] = scaling_efficiency(
                     {r["replicas"]: r["images_per_min"] for r in report["stage2_only"]})
                 report["end_to_end_scaling"] = scaling_efficiency(
