@@ -156,6 +156,7 @@ class Throughput:
         self.flops = {1: rows * unet_flops_per_row(s1_dir, 1),
                       2: rows * unet_flops_per_row(s2_dir, 2)}  # per sample
         self._runs = 0
+        self.stage2_images: list[torch.Tensor] = []  # the first stage-2-alone run's pictures
 
     def _config(self) -> GenerateConfig:
         self._runs += 1
@@ -212,18 +213,24 @@ class Throughput:
     def stage2_only(self, client: CascadeClient, requests: list[pb.Stage2Request], replicas: int,
                     peak: float) -> dict[str, Any]:
         """All stage-2 requests at once to ``replicas`` replicas, once untimed and once timed."""
+        images: list[torch.Tensor] = []
+
         def run() -> float:
             start = time.perf_counter()
             with ThreadPoolExecutor(len(requests)) as pool:
-                list(pool.map(client.stage2, requests))
+                images[:] = [image for image, _ in pool.map(client.stage2, requests)]
             return time.perf_counter() - start
 
         run()
         wall = run()
         tflops = len(requests) * self.flops[2] / wall / 1e12
+        # Every setup must make the same pictures: compared with the first one measured.
+        self.stage2_images = self.stage2_images or list(images)
+        diff = max((a - b).abs().max().item()
+                   for a, b in zip(images, self.stage2_images, strict=True))
         return {"replicas": replicas, "wall_s": wall,
                 "images_per_min": 60 * len(requests) / wall, "unet_tflops": tflops,
-                "fraction_of_peak": tflops / (replicas * peak)}
+                "fraction_of_peak": tflops / (replicas * peak), "max_abs_diff_vs_first": diff}
 
     def _params(self, seed: int) -> pb.SamplingParams:
         return pb.SamplingParams(num_inference_steps=self.params.num_inference_steps,

@@ -9,6 +9,12 @@ bit-identical to the eager call.
 One graph is captured per input signature (batch, sample shape, dtype, embedding shape, whether
 class labels are given); inputs are copied into the graph's static buffers before each replay and
 the output is copied out after it. All graphs of one UNet share one memory pool.
+
+The UNet's device need not be the calling thread's current CUDA device (a stage service on
+``cuda:1`` calls it from request and runner threads whose current device is ``cuda:0``): capture
+and replay run with the UNet's device made current and on a stream of that device. Otherwise the
+capture stream belongs to another device, the UNet's kernels run once outside the graph, and every
+replay returns that first call's output.
 """
 
 from __future__ import annotations
@@ -63,20 +69,24 @@ class GraphedUNet:
             out=sample,  # replaced below
         )
         # Warm up on a side stream (lazy initialisation must not happen during capture).
-        stream = torch.cuda.Stream(device=sample.device)
-        stream.wait_stream(torch.cuda.current_stream(sample.device))
+        device = sample.device
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(self.warmup):
                 self._eager(static.sample, static.timestep, static.embeds, static.class_labels)
-        torch.cuda.current_stream(sample.device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         # The warm-up's activations are cached by the allocator outside the graphs' pool: give
         # them back before the capture allocates its own, or the process peaks at both.
-        torch.cuda.synchronize(sample.device)
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         # thread_local: a stage service prepares requests (host-to-device copies, allocations)
         # on its handler threads while this thread captures; the default "global" mode would
         # make those calls fail. They run on other streams and do not enter the graph.
-        with torch.cuda.graph(static.graph, pool=self._pool, capture_error_mode="thread_local"):
+        # The capture stream must be on the UNet's device (torch.cuda.graph's default one is on
+        # whichever device was current when it was first made).
+        with torch.cuda.graph(static.graph, pool=self._pool, stream=torch.cuda.Stream(device),
+                              capture_error_mode="thread_local"):
             static.out = self._eager(static.sample, static.timestep, static.embeds,
                                      static.class_labels)
         return static
@@ -90,7 +100,7 @@ class GraphedUNet:
         timestep = timestep.to(sample.device)
         key = (tuple(sample.shape), sample.dtype, tuple(embeds.shape), embeds.dtype,
                None if class_labels is None else tuple(class_labels.shape), tuple(timestep.shape))
-        with self._lock:
+        with self._lock, torch.cuda.device(sample.device):
             if key not in self._graphs:
                 try:
                     self._graphs[key] = self._capture(sample, timestep, embeds, class_labels)

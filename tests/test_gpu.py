@@ -1,0 +1,87 @@
+"""GPU-only checks (skipped on machines without CUDA, such as CI; run them on a GPU machine with
+``python -m pytest tests/test_gpu.py``): CUDA-graph replay and the batched runner on a GPU that is
+not the calling thread's current device, as a stage service on ``cuda:1`` runs them."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import STAGE1_DIR
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _last_gpu() -> torch.device:
+    return torch.device(f"cuda:{torch.cuda.device_count() - 1}")
+
+
+def _inputs(stage, seed: int, device: torch.device):
+    generator = torch.Generator().manual_seed(seed)
+    config = stage.unet.config
+    x = torch.randn(4, config.in_channels, config.sample_size, config.sample_size,
+                    generator=generator).to(device)
+    embeds = torch.randn(4, 77, config.encoder_hid_dim, generator=generator).to(device)
+    return x, torch.tensor([900, 900, 500, 500], device=device), embeds
+
+
+@pytest.mark.parametrize("other_thread", [False, True])
+def test_graph_replay_on_a_gpu_other_than_the_current_one(other_thread):
+    """Replays of new inputs equal the eager UNet on the last GPU, while the calling thread's
+    current device is cuda:0 (with several GPUs; with one, the same path on cuda:0)."""
+    from illusions.fast import GraphedUNet
+    from illusions.models import load_unet_stage
+
+    device = _last_gpu()
+    stage = load_unet_stage(str(STAGE1_DIR), 1, device=device)
+    graphed = GraphedUNet(stage.unet)
+    got, want = [], []
+
+    def calls() -> None:
+        torch.cuda.set_device(0)
+        for seed in range(3):  # the first call captures, the others replay
+            x, t, embeds = _inputs(stage, seed, device)
+            with torch.no_grad():
+                want.append(stage.unet(x, t, encoder_hidden_states=embeds,
+                                       return_dict=False)[0])
+            got.append(graphed(x, t, embeds))
+
+    if other_thread:
+        thread = threading.Thread(target=calls)
+        thread.start()
+        thread.join()
+    else:
+        calls()
+    assert len(got) == 3
+    for a, b in zip(got, want, strict=True):
+        assert a.device == device
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(got[1], got[2])  # not one stale output
+
+
+def test_batch_runner_on_a_gpu_other_than_the_current_one(text_encoder):
+    """A stage-1 job through the batch runner (with CUDA graphs) on the last GPU equals the same
+    job on the CPU."""
+    from illusions.batching import BatchRunner
+    from illusions.models import load_unet_stage
+    from illusions.sampling import SamplingParams, stage_1_job
+    from illusions.views import build_views
+
+    views = build_views(["identity", "flip"])
+    embeds, negative = text_encoder.encode(["a", "b"])
+    params = SamplingParams(num_inference_steps=4, guidance_scale=7.0)
+    results = {}
+    for device in (torch.device("cpu"), _last_gpu()):
+        stage = load_unet_stage(str(STAGE1_DIR), 1, device=device)
+        if device.type == "cuda":
+            stage.enable_cuda_graphs()
+        runner = BatchRunner(stage)
+        try:
+            job = stage_1_job(stage, embeds.to(device), negative.to(device), views,
+                              torch.Generator().manual_seed(3), params)
+            results[device.type] = runner.run(job).cpu()
+        finally:
+            runner.close()
+    # cuDNN convolutions use TF32 by default: close, not equal (a stale replay is off by ~1).
+    torch.testing.assert_close(results["cuda"], results["cpu"], atol=2e-2, rtol=0)
