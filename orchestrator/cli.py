@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from illusions.models import (
     DEFAULT_ENCODER_MODEL,
@@ -34,6 +35,9 @@ from services.common.security import (
     read_pem,
     read_token,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.local import LocalServiceSpec
 
 logger = logging.getLogger("illusion")
 
@@ -138,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local mode: the stage services torch.compile their UNets (about 1.5 "
                           "min per stage before the first sample, then up to ~2x faster UNet "
                           "calls on a GPU; pays off over many samples)")
+    gen.add_argument("--fixed-batch", action="store_true",
+                     help="local mode: every UNet call of the stage services runs one row count "
+                          "(--max-batch, or 2 x views x --batch when that is 0; short calls are "
+                          "padded): one CUDA graph, and with --compile one compiled shape, "
+                          "compiled at start-up")
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
     gen.add_argument("--retry-timeout", type=float, default=120.0, metavar="S",
@@ -318,9 +327,33 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return 0
 
 
+def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
+    """The services local mode starts for ``generate``'s arguments: the encoder, stage 1 and one
+    stage 2 per ``--stage2-devices`` entry (one on ``--device`` by default)."""
+    from orchestrator.local import LocalServiceSpec
+
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    # --fixed-batch pads every call to one row count: --max-batch, else all rows of a batch.
+    max_batch = args.max_batch or (2 * len(args.views) * args.batch if args.fixed_batch else 0)
+    unet_options = {"compile": args.compile, "fixed_batch": args.fixed_batch}
+    return [
+        LocalServiceSpec("encoder", args.encoder_model or args.stage1_model,
+                         str(parse_device(args.encoder_device)),
+                         _resolve_dtype(args.encoder_dtype, args.encoder_device),
+                         args.encoder_quantize, args.random_weights),
+        LocalServiceSpec("stage1", args.stage1_model, device, dtype, args.quantize,
+                         args.random_weights, max_batch, args.batch, **unet_options),
+    ] + [
+        LocalServiceSpec("stage2", args.stage2_model, d, _resolve_dtype(args.dtype, d),
+                         args.quantize, args.random_weights, max_batch, args.batch, **unet_options)
+        for d in (str(parse_device(name)) for name in args.stage2_devices or [device])
+    ]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from orchestrator.client import CascadeClient
-    from orchestrator.local import LocalServices, LocalServiceSpec
+    from orchestrator.local import LocalServices
     from orchestrator.pipeline import GenerateConfig, check_config, generate
 
     config = GenerateConfig(
@@ -363,11 +396,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "--stage2-devices starts local replicas; with remote services list their "
                 "addresses in --stage2 instead"
             )
-        if args.compile:
-            raise InvalidInputError(
-                "--compile applies to local mode; start remote stage services with "
-                "`illusion serve ... --compile` instead"
-            )
+        for flag in ("compile", "fixed_batch"):
+            if getattr(args, flag):
+                name = "--" + flag.replace("_", "-")
+                raise InvalidInputError(
+                    f"{name} applies to local mode; start remote stage services with "
+                    f"`illusion serve ... {name}` instead"
+                )
         security = client_security(args)
         with CascadeClient(args.encoder, args.stage1, args.stage2, timeout=args.timeout,
                            retry_timeout=args.retry_timeout, security=security) as client:
@@ -386,24 +421,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 f"{', '.join(given)} only apply to remote services (--encoder/--stage1/--stage2): "
                 "local mode talks plaintext on loopback"
             )
-        device = _resolve_device(args.device)
-        dtype = _resolve_dtype(args.dtype, device)
-        specs = [
-            LocalServiceSpec("encoder", args.encoder_model or args.stage1_model,
-                             str(parse_device(args.encoder_device)),
-                             _resolve_dtype(args.encoder_dtype, args.encoder_device),
-                             args.encoder_quantize, args.random_weights),
-            LocalServiceSpec("stage1", args.stage1_model, device, dtype, args.quantize,
-                             args.random_weights, args.max_batch, args.batch,
-                             compile=args.compile),
-        ]
-        stage2_devices = [str(parse_device(d)) for d in args.stage2_devices or [device]]
-        specs += [
-            LocalServiceSpec("stage2", args.stage2_model, d, _resolve_dtype(args.dtype, d),
-                             args.quantize, args.random_weights, args.max_batch, args.batch,
-                             compile=args.compile)
-            for d in stage2_devices
-        ]
+        specs = local_specs(args)
+        stage2_devices = [spec.device for spec in specs if spec.kind == "stage2"]
         logger.info("local mode: starting the encoder, stage-1 and %d stage-2 service(s)",
                     len(stage2_devices))
         with LocalServices(specs) as addresses, CascadeClient(

@@ -306,3 +306,30 @@ def test_option_combinations_that_cannot_work_are_refused_before_anything_starts
     assert "list their addresses in --stage2" in capsys.readouterr().err
     assert main([*remote, "--compile"]) == 2
     assert "illusion serve ... --compile" in capsys.readouterr().err
+    assert main([*remote, "--fixed-batch"]) == 2
+    assert "illusion serve ... --fixed-batch" in capsys.readouterr().err
+
+
+def test_local_mode_services_for_fixed_batch_and_compile():
+    """generate --fixed-batch pads the stage services' calls to --max-batch, or to all rows of a
+    --batch; each service command is one `illusion serve` accepts."""
+    from orchestrator.cli import build_parser, local_specs
+
+    def specs(*extra: str):
+        args = build_parser().parse_args(["generate", "--prompts", "a", "b", "--views",
+                                          "identity", "flip", "--device", "cpu", *extra])
+        return local_specs(args)
+
+    encoder, stage1, stage2 = specs("--batch", "4", "--fixed-batch", "--compile")
+    assert (encoder.kind, stage1.kind, stage2.kind) == ("encoder", "stage1", "stage2")
+    for unet in (stage1, stage2):
+        assert (unet.max_batch, unet.fixed_batch, unet.compile, unet.max_concurrent) == (
+            16, True, True, 4)  # 2 rows x 2 views x 4 samples
+        command = unet.command()
+        served = build_parser().parse_args(command[command.index("serve"):])
+        assert (served.max_batch, served.fixed_batch, served.compile) == (16, True, True)
+    assert [s.max_batch for s in specs("--batch", "4", "--fixed-batch", "--max-batch", "6")][1:] \
+        == [6, 6]
+    plain = specs("--batch", "4", "--stage2-devices", "cpu", "cpu")
+    assert [(s.kind, s.max_batch, s.fixed_batch) for s in plain] == [
+        ("encoder", 0, False), ("stage1", 0, False), ("stage2", 0, False), ("stage2", 0, False)]
