@@ -11,6 +11,8 @@ In one run on one machine (random weights from the real configs in bench/model-c
 3. **stage-2 replicas** (with two GPUs or more): stage 1 on cuda:0, stage-2 replicas on cuda:1..k
    behind one round_robin target, k = each of ``--replicas``; end to end through ``generate``, and
    stage 2 alone (the same stage-1 images sent to k replicas at once) for the scaling figure.
+   With ``--share-gpu0`` the replicas are on cuda:0..k-1 instead, the first beside stage 1 and
+   the encoder, so k replicas use k GPUs (for cascades whose stage 2 is most of the work).
 
 Every run is preceded by an untimed one of the same shape (CUDA graphs are captured per row
 count). UNet FLOPs per row are counted once per model by ``torch.utils.flop_counter`` on the meta
@@ -252,6 +254,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, nargs="*", default=[1, 2, 3],
                         help="stage-2 replica counts, one GPU each (needs that many GPUs + 1); "
                              "none: one GPU only")
+    parser.add_argument("--share-gpu0", action="store_true",
+                        help="stage-2 replicas on cuda:0..k-1 (the first beside stage 1) instead "
+                             "of cuda:1..k")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=10.0)
     parser.add_argument("--stage1-max-batch", type=int, default=0)
@@ -279,7 +284,8 @@ def main() -> None:
     if peak is None:
         raise SystemExit(f"unknown dense fp16 peak of {env['gpu']!r}: pass --peak-tflops")
     gpus = torch.cuda.device_count()
-    replicas = sorted(k for k in set(args.replicas) if 1 <= k < gpus)
+    first = 0 if args.share_gpu0 else 1  # the first stage-2 replica's GPU
+    replicas = sorted(k for k in set(args.replicas) if 1 <= k <= gpus - first)
     report: dict[str, Any] = {"environment": env, "settings": vars(args) | {"out": str(args.out)},
                               "dense_fp16_peak_tflops": peak,
                               "matmul_fp16_tflops": matmul_tflops()}
@@ -314,7 +320,8 @@ def main() -> None:
         specs = [LocalServiceSpec("encoder", str(ENCODER), args.encoder_device,
                                   args.encoder_dtype, random_weights=True),
                  unet_spec("stage1", s1_dir, "cuda:0", args.stage1_max_batch)]
-        stage2_devices = ["cuda:0"] + [f"cuda:{k}" for k in range(1, max(replicas, default=0) + 1)]
+        last = first + max(replicas, default=0) - 1  # GPU of the last replica
+        stage2_devices = [f"cuda:{g}" for g in range(max(last, 0) + 1)]
         specs += [unet_spec("stage2", s2_dir, d, args.stage2_max_batch) for d in stage2_devices]
         local = LocalServices(specs)
         with local as addresses:
@@ -343,13 +350,13 @@ def main() -> None:
                 save()
             report["replicas"], report["stage2_only"] = [], []
             for k in replicas:
-                target = ",".join(by_device[f"cuda:{g}"] for g in range(1, k + 1))
+                target = ",".join(by_device[f"cuda:{g}"] for g in range(first, first + k))
                 with client(target) as several:
                     several.check()
                     report["stage2_only"].append(bench.stage2_only(several, requests, k, peak))
                     report["replicas"].append(
-                        bench.generate(several, args.samples, args.samples, k + 1, peak)
-                        | {"replicas": k})
+                        bench.generate(several, args.samples, args.samples, k + first, peak)
+                        | {"replicas": k, "share_gpu0": args.share_gpu0})
                 save()
             if report["stage2_only"]:
                 report["stage2_scaling"] = scaling_efficiency(
