@@ -12,9 +12,9 @@ the output is copied out after it. All graphs of one UNet share one memory pool.
 
 The UNet's device need not be the calling thread's current CUDA device (a stage service on
 ``cuda:1`` calls it from request and runner threads whose current device is ``cuda:0``): capture
-and replay run with the UNet's device made current and on a stream of that device. Otherwise the
-capture stream belongs to another device, the UNet's kernels run once outside the graph, and every
-replay returns that first call's output.
+and replay run with the UNet's device made current and on a stream of that device. Without that,
+the capture stream belonged to the current device: in the tests the capture then failed (and the
+UNet ran eager), and a stage service on ``cuda:1`` answered requests while its GPU stayed idle.
 """
 
 from __future__ import annotations
