@@ -1,8 +1,11 @@
-"""Time one UNet call (CFG batch 2V) per stage under several execution modes, to choose the fast
-path: eager, channels_last, CUDA-graph replay, cuDNN autotuning, torch.compile. Random weights,
-real configs.
+"""Time one UNet call (CFG batch 2V, or ``--rows N``) per stage under several execution modes, to
+choose the fast path: eager, channels_last, CUDA-graph replay, cuDNN autotuning, torch.compile
+(default, on channels_last weights, and with Triton's autotuned convolution and matmul templates).
+Random weights, real configs. Each mode's share of the GPU's dense fp16 peak is reported too.
 
     python -m bench.unet_call --cascade M/M --views 2 --modes eager channels_last graph compile
+    python -m bench.unet_call --stages 2 --rows 16 --modes graph compile compile_channels_last \
+        compile_max_autotune        # a batched stage-2 service's calls
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 from bench.run import CASCADES, CONFIGS, environment
+from bench.throughput import dense_fp16_peak_tflops, unet_flops_per_row
 from illusions.models import load_unet_stage
 
 
@@ -47,17 +51,17 @@ def _graph(fn, x: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     return ms, (static_out - reference).abs().max().item()
 
 
-def measure(stage_no: int, directory: str, views: int, modes: list[str]) -> dict[str, Any]:
+def measure(stage_no: int, directory: str, rows: int, modes: list[str]) -> dict[str, Any]:
     stage = load_unet_stage(directory, stage_no, device="cuda", dtype=torch.float16,
                             random_weights=True)
     unet = stage.unet
     size = stage.sample_size
     channels = unet.config.in_channels
     dim = int(unet.config.encoder_hid_dim or unet.config.cross_attention_dim)
-    x = torch.randn(2 * views, channels, size, size, device="cuda", dtype=torch.float16)
-    emb = torch.randn(2 * views, 77, dim, device="cuda", dtype=torch.float16)
+    x = torch.randn(rows, channels, size, size, device="cuda", dtype=torch.float16)
+    emb = torch.randn(rows, 77, dim, device="cuda", dtype=torch.float16)
     t = torch.tensor(500, device="cuda")
-    labels = torch.full((2 * views,), 50, device="cuda") if stage_no == 2 else None
+    labels = torch.full((rows,), 50, device="cuda") if stage_no == 2 else None
 
     def call(model, inp):
         return model(inp, t, encoder_hidden_states=emb, class_labels=labels, return_dict=False)[0]
@@ -94,7 +98,32 @@ def measure(stage_no: int, directory: str, views: int, modes: list[str]) -> dict
             out["compile_ms"] = _time(lambda: call(compiled, x))
             out["compile_max_diff"] = (call(compiled, x) - reference).abs().max().item()
             out["compile_graph_ms"], _ = _graph(lambda inp: call(compiled, inp), x, reference)
+        variants = {"compile_channels_last": {"mode": "default", "channels_last": True},
+                    "compile_max_autotune": {"mode": "max-autotune-no-cudagraphs",
+                                             "channels_last": False}}
+        for name, how in variants.items():
+            if name not in modes:
+                continue
+            torch._dynamo.reset()
+            fmt = torch.channels_last if how["channels_last"] else torch.contiguous_format
+            unet.to(memory_format=fmt)
+            xin = x.contiguous(memory_format=fmt)
+            compiled = torch.compile(unet, mode=how["mode"])
+            t0 = time.perf_counter()
+            call(compiled, xin)
+            out[f"{name}_s"] = time.perf_counter() - t0
+            out[f"{name}_max_diff"] = (call(compiled, xin) - reference).abs().max().item()
+            out[f"{name}_graph_ms"], _ = _graph(lambda inp, c=compiled: call(c, inp), xin,
+                                                reference)
+            unet.to(memory_format=torch.contiguous_format)
     out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    # Share of the dense fp16 peak of each timing (UNet FLOPs of the call over its time).
+    tflop = rows * unet_flops_per_row(directory, stage_no) / 1e12
+    peak = dense_fp16_peak_tflops(torch.cuda.get_device_name())
+    out["tflop_per_call"] = tflop
+    if peak:
+        for key in [k for k in out if k.endswith("_ms")]:
+            out[key.removesuffix("_ms") + "_fraction_of_peak"] = tflop / (out[key] / 1e3) / peak
     return out
 
 
@@ -102,16 +131,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cascade", default="M/M", choices=CASCADES)
     parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=0, help="rows per call (default 2 x views)")
     parser.add_argument("--modes", nargs="+", default=["eager", "channels_last", "graph"])
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2], choices=[1, 2])
     args = parser.parse_args()
     dirs = {k: str(CONFIGS / name) for k, name in zip((1, 2), CASCADES[args.cascade], strict=True)}
     report: dict[str, Any] = {"environment": environment(), "cascade": args.cascade,
-                              "views": args.views}
+                              "views": args.views, "rows": args.rows or 2 * args.views}
     for number in args.stages:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        report[f"stage{number}"] = measure(number, dirs[number], args.views, args.modes)
+        report[f"stage{number}"] = measure(number, dirs[number], args.rows or 2 * args.views,
+                                           args.modes)
     print(json.dumps(report, indent=2))
 
 
