@@ -82,9 +82,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="load T5 in 8 or 4 bits (bitsandbytes)")
     parser.add_argument("--random-weights", action="store_true",
                         help="models are config directories: random weights (benchmarks)")
-    parser.add_argument("--max-batch", type=int, default=0, metavar="N",
-                        help="most rows per UNet call in the local services (2 per view); "
-                             "smaller bounds GPU memory. 0: all at once")
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[0], metavar="N",
+                        help="most rows per UNet call in the local services (2 per view): one "
+                             "number for both stages, or two (stage 1, stage 2); smaller bounds "
+                             "GPU memory. 0: all at once")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "min per stage before the first sample, then up to ~2x faster UNet "
                           "calls on a GPU; pays off over many samples)")
     gen.add_argument("--fixed-batch", action="store_true",
-                     help="local mode: every UNet call of the stage services runs one row count "
-                          "(--max-batch, or 2 x views x --batch when that is 0; short calls are "
-                          "padded): one CUDA graph, and with --compile one compiled shape, "
+                     help="local mode: every UNet call of each stage service runs one row count "
+                          "(its --max-batch, or 2 x views x --batch when that is 0; short calls "
+                          "are padded): one CUDA graph, and with --compile one compiled shape, "
                           "compiled at start-up")
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
@@ -334,8 +335,14 @@ def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
 
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
+    if len(args.max_batch) > 2 or min(args.max_batch) < 0:
+        raise InvalidInputError(
+            f"--max-batch {' '.join(map(str, args.max_batch))}: give one number for both stages "
+            "or two (stage 1, stage 2), each 0 (all rows at once) or more"
+        )
     # --fixed-batch pads every call to one row count: --max-batch, else all rows of a batch.
-    max_batch = args.max_batch or (2 * len(args.views) * args.batch if args.fixed_batch else 0)
+    all_rows = 2 * len(args.views) * args.batch if args.fixed_batch else 0
+    stage1_rows, stage2_rows = (n or all_rows for n in (args.max_batch * 2)[:2])
     unet_options = {"compile": args.compile, "fixed_batch": args.fixed_batch}
     return [
         LocalServiceSpec("encoder", args.encoder_model or args.stage1_model,
@@ -343,10 +350,11 @@ def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
                          _resolve_dtype(args.encoder_dtype, args.encoder_device),
                          args.encoder_quantize, args.random_weights),
         LocalServiceSpec("stage1", args.stage1_model, device, dtype, args.quantize,
-                         args.random_weights, max_batch, args.batch, **unet_options),
+                         args.random_weights, stage1_rows, args.batch, **unet_options),
     ] + [
         LocalServiceSpec("stage2", args.stage2_model, d, _resolve_dtype(args.dtype, d),
-                         args.quantize, args.random_weights, max_batch, args.batch, **unet_options)
+                         args.quantize, args.random_weights, stage2_rows, args.batch,
+                         **unet_options)
         for d in (str(parse_device(name)) for name in args.stage2_devices or [device])
     ]
 

@@ -313,6 +313,7 @@ def test_option_combinations_that_cannot_work_are_refused_before_anything_starts
 def test_local_mode_services_for_fixed_batch_and_compile():
     """generate --fixed-batch pads the stage services' calls to --max-batch, or to all rows of a
     --batch; each service command is one `illusion serve` accepts."""
+    from illusions.sampling import InvalidInputError
     from orchestrator.cli import build_parser, local_specs
 
     def specs(*extra: str):
@@ -330,6 +331,15 @@ def test_local_mode_services_for_fixed_batch_and_compile():
         assert (served.max_batch, served.fixed_batch, served.compile) == (16, True, True)
     assert [s.max_batch for s in specs("--batch", "4", "--fixed-batch", "--max-batch", "6")][1:] \
         == [6, 6]
+    per_stage = specs("--batch", "16", "--fixed-batch", "--max-batch", "64", "16",
+                      "--stage2-devices", "cpu", "cpu")
+    assert [(s.kind, s.max_batch) for s in per_stage][1:] == [
+        ("stage1", 64), ("stage2", 16), ("stage2", 16)]
+    assert [s.max_batch for s in specs("--batch", "4", "--fixed-batch", "--max-batch", "0", "2")][
+        1:] == [16, 2]  # 0: all rows of the batch
+    for bad in (["3", "2", "1"], ["-1"]):
+        with pytest.raises(InvalidInputError, match="one number for both stages or two"):
+            specs("--max-batch", *bad)
     plain = specs("--batch", "4", "--stage2-devices", "cpu", "cpu")
     assert [(s.kind, s.max_batch, s.fixed_batch) for s in plain] == [
         ("encoder", 0, False), ("stage1", 0, False), ("stage2", 0, False), ("stage2", 0, False)]
