@@ -274,3 +274,17 @@ def test_unreachable_service_is_named():
     with CascadeClient("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1", timeout=5) as dead:
         with pytest.raises(ServiceError, match=r"encoder at 127\.0\.0\.1:1 does not answer"):
             dead.check(timeout=1)
+
+
+def test_a_service_makes_its_gpu_the_current_device(monkeypatch):
+    """serve on cuda:1 sets the process's current device to cuda:1 before loading (no context on
+    GPU 0, and the current-device calls mean its own GPU); on the CPU it touches nothing."""
+    from services.common.server import use_device
+
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    use_device("cpu")
+    assert chosen == []
+    use_device("cuda:1")
+    assert chosen == [torch.device("cuda:1")]

@@ -283,6 +283,14 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
             stop.set()
 
 
+def use_device(device: str) -> None:
+    """Make ``device`` the process's current CUDA device (nothing for the CPU), before anything
+    touches CUDA: a service on ``cuda:1`` then creates no context on GPU 0, and the calls that
+    take the current device (peak-memory reset, default streams) mean its own GPU."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(device))
+
+
 def serve(
     config: ServerConfig,
     add_servicer: Callable[[grpc.Server], None],
@@ -327,6 +335,7 @@ def serve(
         threading.Thread(target=_watch_parent, args=(config.parent_pid, stop), daemon=True).start()
 
     try:
+        use_device(config.device)
         load()
     except Exception:
         server.stop(0)
