@@ -3,6 +3,7 @@ torch.profiler table of one stage's loop (random weights, real configs, CUDA gra
 
     python -m bench.profile_stage --cascade M/M --stage 2 --views 2
     python -m bench.profile_stage --cascade M/M --stage 1 --samples 16   # jobs sharing calls
+    python -m bench.profile_stage --cascade M/M --stage 2 --samples 4 --compile
 
 With ``--samples N`` the loop is N jobs sharing each UNet call (``run_batched``, as a service
 started with ``--max-concurrent N`` runs them), and the UNet calls timed back to back have the
@@ -39,11 +40,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--samples", type=int, default=1, help="jobs sharing each UNet call")
     parser.add_argument("--rows", type=int, default=25, help="rows of each profiler table")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet first, as `illusion serve --compile` does")
     args = parser.parse_args()
     directory = str(CONFIGS / CASCADES[args.cascade][args.stage - 1])
     stage = load_unet_stage(directory, args.stage, device="cuda", dtype=torch.float16,
                             random_weights=True)
     stage.enable_cuda_graphs()
+    if args.compile:
+        stage.compile()  # compiles on the first call of each row count (the warm-up loops)
     views = build_views(VIEW_SETS[args.views])
     dim = int(stage.unet.config.encoder_hid_dim or stage.unet.config.cross_attention_dim)
     prompt, negative = _embeds(args.views, dim, torch.float16)
