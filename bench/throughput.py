@@ -168,13 +168,12 @@ class Throughput:
             num_samples=self.samples, params=self.params,
         )
 
-    def generate(self, client: CascadeClient, batch: int, parallel: int, gpus: int,
+    def generate(self, client: TimedClient, batch: int, parallel: int, gpus: int,
                  peak: float) -> dict[str, Any]:
         """``generate`` of all samples, once untimed and once timed."""
         generate(self._config(), client, progress=False, stage1_workers=batch,
                  stage2_workers=parallel)
-        calls = client.calls if isinstance(client, TimedClient) else []
-        calls.clear()
+        client.calls.clear()
         start = time.perf_counter()
         written = generate(self._config(), client, progress=False, stage1_workers=batch,
                            stage2_workers=parallel)
@@ -183,7 +182,7 @@ class Throughput:
         tflops = self.samples * (self.flops[1] + self.flops[2]) / wall / 1e12
         return {"batch": batch, "parallel": parallel, "gpus": gpus, "wall_s": wall,
                 "images_per_min": 60 * self.samples / wall, "unet_tflops": tflops,
-                "fraction_of_peak": tflops / (gpus * peak)} | timeline(calls, start)
+                "fraction_of_peak": tflops / (gpus * peak)} | timeline(client.calls, start)
 
     def stage1_only(self, client: CascadeClient, embeds: pb.Tensor, negative: pb.Tensor,
                     peak: float) -> tuple[dict[str, Any], list[pb.Stage2Request]]:
@@ -328,7 +327,7 @@ def main() -> None:
             by_device = {c.spec.device: c.address for c in local.children
                          if c.spec.kind == "stage2"}
 
-            def client(stage2: str) -> CascadeClient:
+            def client(stage2: str) -> TimedClient:
                 return TimedClient(addresses["encoder"], addresses["stage1"], stage2,
                                    timeout=1800)
 

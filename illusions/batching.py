@@ -49,9 +49,6 @@ class BatchRunner:
         self._thread.join()
 
     def _loop(self) -> None:
-        if self.stage.device.type == "cuda":
-            # This thread's CUDA work goes to the UNet's device (a new thread starts on cuda:0).
-            torch.cuda.set_device(self.stage.device)
         shared = self.shared
         closing = False
         while not (closing and not len(shared)):

@@ -284,9 +284,9 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
 
 
 def use_device(device: str) -> None:
-    """Make ``device`` the process's current CUDA device (nothing for the CPU), before anything
-    touches CUDA: a service on ``cuda:1`` then creates no context on GPU 0, and the calls that
-    take the current device (peak-memory reset, default streams) mean its own GPU."""
+    """Make ``device`` the main thread's current CUDA device (nothing for the CPU), before
+    anything touches CUDA, so that loading on ``cuda:1`` creates no context on GPU 0. (Threads
+    start on cuda:0; the UNet calls make their own device current, illusions.fast.)"""
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.set_device(torch.device(device))
 
@@ -343,11 +343,11 @@ def serve(
     if stop.is_set():  # asked to stop while loading
         server.stop(0)
         return
-    if torch.cuda.is_available():
+    if config.device.startswith("cuda") and torch.cuda.is_available():
         # Loading (random weights are built, then quantized) may peak above what serving needs:
         # the reported peak starts here.
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(torch.device(config.device))
     for service in ("", name):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     line = f"serving {config.service} on {address}"
