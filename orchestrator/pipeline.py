@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,13 +349,17 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
     workers = max(1, stage1_workers) + max(1, stage2_workers)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sample")
     try:
-        futures = [pool.submit(one_sample, seed) for seed in todo]
-        for future in as_completed(futures):
-            try:
-                future.result()
-            except BaseException:
-                failed.set()  # a failed sample stops the run: no new call starts
-                raise
+        pending = {pool.submit(one_sample, seed) for seed in todo}
+        while pending:
+            # A timed wait: Python runs a Ctrl-C handler only when the main thread runs, and a
+            # SIGINT taken by another thread (gRPC's, torch's) would not wake an untimed one.
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in finished:
+                try:
+                    future.result()
+                except BaseException:
+                    failed.set()  # a failed sample stops the run: no new call starts
+                    raise
     finally:
         # On an error or Ctrl-C: samples being written are finished, samples not started are
         # dropped, calls in flight end with the client's channels and their samples are not written.
