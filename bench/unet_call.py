@@ -1,6 +1,6 @@
 """Time one UNet call (CFG batch 2V, or ``--rows N``) per stage under several execution modes, to
 choose the fast path: eager, channels_last, CUDA-graph replay, cuDNN autotuning, torch.compile
-(default, on channels_last weights, and with Triton's autotuned convolution and matmul templates).
+(default, and the variants in ``COMPILE_VARIANTS``).
 Random weights, real configs. Each mode's share of the GPU's dense fp16 peak is reported too.
 
     python -m bench.unet_call --cascade M/M --views 2 --modes eager channels_last graph compile
@@ -16,10 +16,27 @@ import time
 from typing import Any
 
 import torch
+import torch._inductor.config
 
 from bench.run import CASCADES, CONFIGS, environment
 from bench.throughput import dense_fp16_peak_tflops, unet_flops_per_row
 from illusions.models import load_unet_stage
+
+# torch.compile variants: mode, channels_last weights, inductor options while compiling.
+COMPILE_VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
+    "compile_channels_last": ("default", True, {}),
+    # Triton's autotuned convolution and matmul templates against cuDNN/cuBLAS.
+    "compile_max_autotune": ("max-autotune-no-cudagraphs", False, {}),
+    # Convolutions in NCHW (inductor otherwise moves them to channels_last, and the group norms
+    # around them read across channels).
+    "compile_nchw": ("default", False, {"layout_optimization": False}),
+    # Block sizes of the fused elementwise and group-norm kernels tuned by benchmarking them.
+    "compile_coordinate_descent": ("default", False, {"coordinate_descent_tuning": True}),
+    "compile_autotune_pointwise": ("default", False, {"max_autotune_pointwise": True}),
+    # Weights folded in as constants (their layout converted once), inference only.
+    "compile_freezing": ("default", False, {"freezing": True}),
+    "compile_aggressive_fusion": ("default", False, {"aggressive_fusion": True}),
+}
 
 
 def _time(fn, iters: int = 20) -> float:
@@ -98,23 +115,21 @@ def measure(stage_no: int, directory: str, rows: int, modes: list[str]) -> dict[
             out["compile_ms"] = _time(lambda: call(compiled, x))
             out["compile_max_diff"] = (call(compiled, x) - reference).abs().max().item()
             out["compile_graph_ms"], _ = _graph(lambda inp: call(compiled, inp), x, reference)
-        variants = {"compile_channels_last": {"mode": "default", "channels_last": True},
-                    "compile_max_autotune": {"mode": "max-autotune-no-cudagraphs",
-                                             "channels_last": False}}
-        for name, how in variants.items():
+        for name, (mode, channels_last, inductor) in COMPILE_VARIANTS.items():
             if name not in modes:
                 continue
             torch._dynamo.reset()
-            fmt = torch.channels_last if how["channels_last"] else torch.contiguous_format
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
             unet.to(memory_format=fmt)
             xin = x.contiguous(memory_format=fmt)
-            compiled = torch.compile(unet, mode=how["mode"])
-            t0 = time.perf_counter()
-            call(compiled, xin)
-            out[f"{name}_s"] = time.perf_counter() - t0
-            out[f"{name}_max_diff"] = (call(compiled, xin) - reference).abs().max().item()
-            out[f"{name}_graph_ms"], _ = _graph(lambda inp, c=compiled: call(c, inp), xin,
-                                                reference)
+            with torch._inductor.config.patch(inductor):
+                compiled = torch.compile(unet, mode=mode)
+                t0 = time.perf_counter()
+                call(compiled, xin)
+                out[f"{name}_s"] = time.perf_counter() - t0
+                out[f"{name}_max_diff"] = (call(compiled, xin) - reference).abs().max().item()
+                out[f"{name}_graph_ms"], _ = _graph(lambda inp, c=compiled: call(c, inp), xin,
+                                                    reference)
             unet.to(memory_format=torch.contiguous_format)
     out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     # Share of the dense fp16 peak of each timing (UNet FLOPs of the call over its time).
