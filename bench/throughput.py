@@ -253,6 +253,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, nargs="*", default=[1, 2, 3],
                         help="stage-2 replica counts, one GPU each (needs that many GPUs + 1); "
                              "none: one GPU only")
+    parser.add_argument("--replica-batch", type=int, default=0,
+                        help="stage-1 calls in flight in the replica runs (default: all samples); "
+                             "fewer start stage 2 sooner, e.g. 8 with --stage1-max-batch 32")
     parser.add_argument("--share-gpu0", action="store_true",
                         help="stage-2 replicas on cuda:0..k-1 (the first beside stage 1) instead "
                              "of cuda:1..k")
@@ -354,7 +357,8 @@ def main() -> None:
                     several.check()
                     report["stage2_only"].append(bench.stage2_only(several, requests, k, peak))
                     report["replicas"].append(
-                        bench.generate(several, args.samples, args.samples, k + first, peak)
+                        bench.generate(several, args.replica_batch or args.samples,
+                                       args.samples, k + first, peak)
                         | {"replicas": k, "share_gpu0": args.share_gpu0})
                 save()
             if report["stage2_only"]:
