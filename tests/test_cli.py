@@ -271,12 +271,19 @@ def test_sigterm_drains_in_flight_call_then_exits():
 def test_ctrl_c_in_local_mode_stops_the_services_and_keeps_no_partial_sample(tmp_path):
     import psutil
 
-    run = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "generate", "--prompts", "a", "b",
-         "--views", "identity", "flip", "--num-inference-steps", "400", "--guidance-scale", "3",
-         *TINY, "--save-dir", str(tmp_path), "--name", "c"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    # A job started in the background by a non-interactive shell (CI scripts, nohup ... &)
+    # inherits SIGINT ignored, and so would generate: start it the way a terminal does, with
+    # SIGINT at its default (a Python handler here becomes the default across exec).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "generate", "--prompts", "a", "b",
+             "--views", "identity", "flip", "--num-inference-steps", "400", "--guidance-scale",
+             "3", *TINY, "--save-dir", str(tmp_path), "--name", "c"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     metadata = tmp_path / "c" / "metadata.json"
     deadline = time.monotonic() + 300
     while not metadata.exists() and run.poll() is None and time.monotonic() < deadline:
