@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--samples", type=int, default=1, help="jobs sharing each UNet call")
     parser.add_argument("--rows", type=int, default=25, help="rows of each profiler table")
+    parser.add_argument("--name-width", type=int, default=55,
+                        help="characters of each kernel name (inductor's fused kernels need ~120 "
+                             "to be found in TORCH_LOGS=output_code's listing)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet first, as `illusion serve --compile` does")
     args = parser.parse_args()
@@ -103,8 +106,9 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    for key in ("cuda_time_total", "self_cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=args.rows,
+                                        max_name_column_width=args.name_width))
 
 
 if __name__ == "__main__":
