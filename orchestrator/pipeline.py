@@ -351,8 +351,9 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
     try:
         pending = {pool.submit(one_sample, seed) for seed in todo}
         while pending:
-            # A timed wait: Python runs a Ctrl-C handler only when the main thread runs, and a
-            # SIGINT taken by another thread (gRPC's, torch's) would not wake an untimed one.
+            # Timed, so that a Ctrl-C is acted on within 0.5 s however the platform's blocking
+            # waits treat signals. (Whether an untimed wait ever missed one is not established:
+            # the hang that led here was SIGINT ignored by a job started in the background.)
             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for future in finished:
                 try:
