@@ -20,22 +20,30 @@ import torch._inductor.config
 
 from bench.run import CASCADES, CONFIGS, environment
 from bench.throughput import dense_fp16_peak_tflops, unet_flops_per_row
+from illusions.inductor_rewrites import apply_inductor_rewrites
 from illusions.models import load_unet_stage
 
-# torch.compile variants: mode, channels_last weights, inductor options while compiling.
-COMPILE_VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
-    "compile_channels_last": ("default", True, {}),
+# torch.compile variants: mode, channels_last weights, inductor options while compiling, and
+# whether the UNet gets illusions.inductor_rewrites first. `serve --compile` compiles as
+# compile_rewrites_deterministic does; plain `compile` is torch.compile's default.
+COMPILE_VARIANTS: dict[str, tuple[str, bool, dict[str, Any], bool]] = {
+    "compile_channels_last": ("default", True, {}, False),
     # Triton's autotuned convolution and matmul templates against cuDNN/cuBLAS.
-    "compile_max_autotune": ("max-autotune-no-cudagraphs", False, {}),
+    "compile_max_autotune": ("max-autotune-no-cudagraphs", False, {}, False),
     # Convolutions in NCHW (inductor otherwise moves them to channels_last, and the group norms
     # around them read across channels).
-    "compile_nchw": ("default", False, {"layout_optimization": False}),
+    "compile_nchw": ("default", False, {"layout_optimization": False}, False),
     # Block sizes of the fused elementwise and group-norm kernels tuned by benchmarking them.
-    "compile_coordinate_descent": ("default", False, {"coordinate_descent_tuning": True}),
-    "compile_autotune_pointwise": ("default", False, {"max_autotune_pointwise": True}),
+    "compile_coordinate_descent": ("default", False, {"coordinate_descent_tuning": True}, False),
+    "compile_autotune_pointwise": ("default", False, {"max_autotune_pointwise": True}, False),
     # Weights folded in as constants (their layout converted once), inference only.
-    "compile_freezing": ("default", False, {"freezing": True}),
-    "compile_aggressive_fusion": ("default", False, {"aggressive_fusion": True}),
+    "compile_freezing": ("default", False, {"freezing": True}, False),
+    "compile_aggressive_fusion": ("default", False, {"aggressive_fusion": True}, False),
+    # Inductor's deterministic mode: no on-device benchmarking that can change the rounding, so
+    # every process compiles the same kernels.
+    "compile_deterministic": ("default", False, {"deterministic": True}, False),
+    "compile_rewrites": ("default", False, {}, True),
+    "compile_rewrites_deterministic": ("default", False, {"deterministic": True}, True),
 }
 
 
@@ -115,10 +123,11 @@ def measure(stage_no: int, directory: str, rows: int, modes: list[str]) -> dict[
             out["compile_ms"] = _time(lambda: call(compiled, x))
             out["compile_max_diff"] = (call(compiled, x) - reference).abs().max().item()
             out["compile_graph_ms"], _ = _graph(lambda inp: call(compiled, inp), x, reference)
-        for name, (mode, channels_last, inductor) in COMPILE_VARIANTS.items():
+        for name, (mode, channels_last, inductor, rewrites) in COMPILE_VARIANTS.items():
             if name not in modes:
                 continue
             torch._dynamo.reset()
+            apply_inductor_rewrites(unet, rewrites)
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             unet.to(memory_format=fmt)
             xin = x.contiguous(memory_format=fmt)
@@ -131,6 +140,7 @@ def measure(stage_no: int, directory: str, rows: int, modes: list[str]) -> dict[
                 out[f"{name}_graph_ms"], _ = _graph(lambda inp, c=compiled: call(c, inp), xin,
                                                     reference)
             unet.to(memory_format=torch.contiguous_format)
+            apply_inductor_rewrites(unet, False)
     out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     # Share of the dense fp16 peak of each timing (UNet FLOPs of the call over its time).
     tflop = rows * unet_flops_per_row(directory, stage_no) / 1e12
