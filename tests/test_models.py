@@ -217,3 +217,17 @@ def test_compiled_unet_is_what_sampling_runs(text_encoder):
     sample_stage_1(stage, prompt[:1], negative, views[:1], new_generator(0), params)
     assert len(traced) > before  # 2 rows instead of 4: compiled again (dynamic=False)
     torch._dynamo.reset()
+
+
+def test_compile_asks_inductor_for_its_deterministic_mode(monkeypatch):
+    """Compiled replicas give one picture for one seed only if every process compiles the same
+    kernels: the default compile runs inductor's deterministic mode (no kernel chosen by timing)."""
+    calls: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    stage = load_unet_stage(str(STAGE1_DIR), 1)
+    del calls[:]  # loading may compile helpers of its own
+    stage.compile()
+    stage.compile(mode="max-autotune")  # other modes carry their own options
+    assert calls[0]["options"] == {"deterministic": True} and "mode" not in calls[0]
+    assert calls[1]["mode"] == "max-autotune" and "options" not in calls[1]
+    assert all(kw["dynamic"] is False for kw in calls)
