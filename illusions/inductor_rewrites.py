@@ -29,9 +29,10 @@ default (eager) path keeps diffusers' modules, and so the reference implementati
 
 from __future__ import annotations
 
-import functools
+from typing import Any
 
 import torch
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 
@@ -82,18 +83,13 @@ def _pinned_channels_last(t: torch.Tensor) -> torch.Tensor:
     return _pinned(t, (h * w * c, 1, w * c, c))
 
 
-@functools.cache
-def _channels_last_resnet() -> type[nn.Module]:
-    from diffusers.models.resnet import ResnetBlock2D
+class ChannelsLastResnetBlock2D(ResnetBlock2D):
+    """diffusers' ``ResnetBlock2D`` with its input and output pinned to channels-last."""
 
-    class ChannelsLastResnetBlock2D(ResnetBlock2D):
-        """diffusers' ``ResnetBlock2D`` with its input and output pinned to channels-last."""
-
-        def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-            out = super().forward(_pinned_channels_last(input_tensor), temb)
-            return _pinned_channels_last(out)
-
-    return ChannelsLastResnetBlock2D
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        out = super().forward(_pinned_channels_last(input_tensor), temb, *args, **kwargs)
+        return _pinned_channels_last(out)
 
 
 def _swap_classes(module: nn.Module, old: type[nn.Module], new: type[nn.Module]) -> int:
@@ -110,9 +106,8 @@ def apply_inductor_rewrites(unet: nn.Module, enabled: bool = True) -> dict[str, 
     parameters, same state dict), or undo that with ``enabled=False``. Returns how many of each
     changed."""
     import torch._inductor.inductor_prims  # noqa: F401  (registers inductor_force_stride_order)
-    from diffusers.models.resnet import ResnetBlock2D
 
     pairs = {"group_norms": (nn.GroupNorm, ChannelStatsGroupNorm),
-             "resnet_blocks": (ResnetBlock2D, _channels_last_resnet())}
+             "resnet_blocks": (ResnetBlock2D, ChannelsLastResnetBlock2D)}
     return {name: _swap_classes(unet, *(pair if enabled else pair[::-1]))
             for name, pair in pairs.items()}
