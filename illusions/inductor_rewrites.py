@@ -43,7 +43,8 @@ def channel_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Ten
     if c % num_groups:
         raise ValueError(f"group norm: {c} channels do not split into {num_groups} groups")
     pixels = tuple(range(2, x.ndim))
-    var_c, mean_c = torch.var_mean(x.float(), dim=pixels, correction=0)  # (n, c)
+    xf = x.float()
+    var_c, mean_c = torch.var_mean(xf, dim=pixels, correction=0)  # (n, c)
     var_c = var_c.view(n, num_groups, -1)
     mean_c = mean_c.view(n, num_groups, -1)
     mean_g = mean_c.mean(-1, keepdim=True)
@@ -57,7 +58,7 @@ def channel_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Ten
     shape = (n, c) + (1,) * len(pixels)
     scale, shift = scale.reshape(shape), shift.reshape(shape)
     scale, shift = _pinned(scale, scale.stride()), _pinned(shift, shift.stride())
-    return (x.float() * scale + shift).to(x.dtype)
+    return (xf * scale + shift).to(x.dtype)
 
 
 class ChannelStatsGroupNorm(nn.GroupNorm):
