@@ -21,6 +21,19 @@ parameters and state dict are unchanged.
    concatenation (the up blocks' skip connections) in NCHW unless an input's layout is already
    fixed as channels-last; the kernels after it then read across the channels of every pixel
    and write transposed copies for the convolutions.
+4. **GELU from a fitted erfc** (:class:`ErfcFitGELU`, only while compiling). Exact GELU is
+   ``x * Φ(x)``; PyTorch computes ``Φ`` as ``0.5 * (1 + erf(x / √2))``, and the fp32 ``erf``
+   (two polynomial branches and an exponential) made the fused normalise + GELU kernels bound by
+   instructions: 0.21 ms against 0.13 ms for the same kernel with ReLU (16 x 128 x 256 x 256 fp16
+   values, H200). Here ``erfc(t) = 2 ** -(t * R(t))`` with ``R`` a polynomial of degree 9 fitted
+   on ``0 <= t <= 4.5`` (see :data:`ERFC_FIT`), one branch-free exponential. It is closer to the
+   exact GELU than PyTorch's own: ``1 + erf`` cancels for negative inputs, ``erfc`` does not. On
+   normal inputs of standard deviation 3, 0.02 % of its fp16 results differ from the correctly
+   rounded GELU, against 3.6 % for inductor's ``erf`` GELU (7.7 % on the CPU).
+5. **Convolutions of few input channels padded to a multiple of 8 with zeros**
+   (:class:`ChannelPaddedConv2d`, only while compiling): cuDNN has no tensor-core kernel for
+   IF-II's 6-channel ``conv_in`` and ran it on CUDA cores in 1.04 ms a call (16 rows, H200),
+   against 0.27 ms for the same convolution with 8 channels. The padding adds products of zeros.
 
 On an H200 these took a compiled IF-II-M call of 16 rows from 75.1 to 64.7 ms (36.6 % to 42.6 %
 of the dense fp16 peak). Only :meth:`illusions.models.UNetStage.compile` applies them: the
@@ -29,9 +42,12 @@ default (eager) path keeps diffusers' modules, and so the reference implementati
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
@@ -93,22 +109,82 @@ class ChannelsLastResnetBlock2D(ResnetBlock2D):
         return _pinned_channels_last(out)
 
 
-def _swap_classes(module: nn.Module, old: type[nn.Module], new: type[nn.Module]) -> int:
+ERFC_FIT_END = 4.5
+"""Where the fit of :data:`ERFC_FIT` ends; beyond it ``erfc`` is below 2e-10 and ``Φ`` is 0 or 1
+to fp16 precision, and ``t`` is clamped to it."""
+ERFC_FIT = (1.6279092283988021, 0.9183934667665686, 0.14860236256913173, -0.028452793735829474,
+            0.00082864180379514, 0.0016501988424356124, -0.0006194160603167661,
+            0.00011549200473811584, -1.1530734544236317e-05, 4.8914926741185e-07)
+"""Coefficients (constant term first) of ``R(t) = -log2(erfc(t)) / t``: a Chebyshev least-squares
+fit of degree 9 to float64 ``erfc`` on ``0 < t <= 4.5``. ``2 ** -(t * R(t))`` evaluated in fp32 is
+within 1e-5 of ``erfc(t)`` relative, and ``R(0) = log2(e) * 2 / √π``."""
+
+
+def erfc_fit_gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU of ``x``, computed in fp32 as ``x * Φ(x)`` with ``Φ`` from :data:`ERFC_FIT`
+    and returned in ``x``'s dtype: ``Φ(x) = erfc(t) / 2`` for ``x < 0`` and ``1 - erfc(t) / 2``
+    otherwise, ``t = |x| / √2``. Within 1e-6 of float64 GELU, absolute."""
+    xf = x.float()
+    t = (xf.abs() * (1 / math.sqrt(2))).clamp(max=ERFC_FIT_END)
+    r = torch.full_like(t, ERFC_FIT[-1])
+    for c in ERFC_FIT[-2::-1]:
+        r = r * t + c
+    half_erfc = 0.5 * torch.exp2(-(r * t))
+    phi = torch.where(xf >= 0, 1 - half_erfc, half_erfc)
+    return (xf * phi).to(x.dtype)
+
+
+class ErfcFitGELU(nn.GELU):
+    """``nn.GELU`` computed by :func:`erfc_fit_gelu` while inductor compiles it (one fused kernel);
+    PyTorch's own GELU otherwise, and for ``approximate="tanh"``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.approximate != "none" or not torch.compiler.is_compiling():
+            return super().forward(x)
+        return erfc_fit_gelu(x)
+
+
+class ChannelPaddedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose input channels are padded with zeros to a multiple of
+    :attr:`CHANNEL_MULTIPLE` (input and weight) while inductor compiles it; unchanged otherwise."""
+
+    CHANNEL_MULTIPLE = 8
+
+    @classmethod
+    def wants(cls, conv: nn.Module) -> bool:
+        """Whether ``conv`` is a plain 2D convolution whose input channels need padding."""
+        return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
+                and conv.in_channels % cls.CHANNEL_MULTIPLE != 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return super().forward(x)
+        extra = -self.in_channels % self.CHANNEL_MULTIPLE
+        pad = (0, 0) * (x.ndim - 2) + (0, extra)  # F.pad counts from the last dimension
+        return self._conv_forward(F.pad(x, pad), F.pad(self.weight, pad), self.bias)
+
+
+def _swap_classes(module: nn.Module, old: type[nn.Module], new: type[nn.Module],
+                  wants: Callable[[nn.Module], bool] | None = None) -> int:
     changed = 0
     for sub in module.modules():
-        if type(sub) is old:
+        if type(sub) is old and (wants is None or wants(sub)):
             sub.__class__ = new
             changed += 1
     return changed
 
 
 def apply_inductor_rewrites(unet: nn.Module, enabled: bool = True) -> dict[str, int]:
-    """Rewrite ``unet``'s group norms and resnet blocks in place as the module docstring says (same
-    parameters, same state dict), or undo that with ``enabled=False``. Returns how many of each
-    changed."""
+    """Rewrite ``unet``'s group norms, resnet blocks, GELUs and convolutions of few input channels
+    in place as the module docstring says (same parameters, same state dict), or undo that with
+    ``enabled=False``. Returns how many of each changed."""
     import torch._inductor.inductor_prims  # noqa: F401  (registers inductor_force_stride_order)
 
     pairs = {"group_norms": (nn.GroupNorm, ChannelStatsGroupNorm),
-             "resnet_blocks": (ResnetBlock2D, ChannelsLastResnetBlock2D)}
-    return {name: _swap_classes(unet, *(pair if enabled else pair[::-1]))
-            for name, pair in pairs.items()}
+             "resnet_blocks": (ResnetBlock2D, ChannelsLastResnetBlock2D),
+             "gelus": (nn.GELU, ErfcFitGELU),
+             "padded_convs": (nn.Conv2d, ChannelPaddedConv2d)}
+    if not enabled:
+        return {name: _swap_classes(unet, new, old) for name, (old, new) in pairs.items()}
+    return {name: _swap_classes(unet, old, new, getattr(new, "wants", None))
+            for name, (old, new) in pairs.items()}

@@ -9,9 +9,13 @@ from conftest import STAGE2_DIR
 from torch import nn
 
 from illusions.inductor_rewrites import (
+    ERFC_FIT_END,
+    ChannelPaddedConv2d,
     ChannelStatsGroupNorm,
+    ErfcFitGELU,
     apply_inductor_rewrites,
     channel_stats_group_norm,
+    erfc_fit_gelu,
 )
 from illusions.models import load_unet_stage
 
@@ -87,9 +91,19 @@ def test_rewrites_keep_the_unet_and_its_output_and_undo_exactly():
     rewritten = stage.predict(*args)
     assert not torch.equal(rewritten, before)  # another computation, ...
     assert torch.allclose(rewritten, before, rtol=0, atol=5e-5)  # ... the same function
-    assert apply_inductor_rewrites(stage.unet) == {"group_norms": 0, "resnet_blocks": 0}
+    gelus = [m for m in stage.unet.modules() if isinstance(m, nn.GELU)]
+    assert counts["gelus"] == len(gelus) > 0
+    assert all(type(m) is ErfcFitGELU for m in gelus)
+    thin = [m for m in stage.unet.modules() if isinstance(m, nn.Conv2d) and m.in_channels % 8]
+    assert counts["padded_convs"] == len(thin) > 0  # conv_in: 6 channels
+    assert all(type(m) is ChannelPaddedConv2d for m in thin)
+    assert stage.unet.conv_in in thin
+    assert apply_inductor_rewrites(stage.unet) == {"group_norms": 0, "resnet_blocks": 0,
+                                                   "gelus": 0, "padded_convs": 0}
     assert apply_inductor_rewrites(stage.unet, enabled=False) == counts
     assert all(type(m) is nn.GroupNorm for m in group_norms)
+    assert all(type(m) is nn.GELU for m in gelus)
+    assert all(type(m) is nn.Conv2d for m in thin)
     assert torch.equal(stage.predict(*args), before)
 
 
@@ -99,11 +113,13 @@ def test_compiled_rewrites_pin_layouts_for_inductor_and_keep_the_output():
     stage = load_unet_stage(str(STAGE2_DIR), 2)
     eager, args = _unet_call(stage, seed=3)
     pins: list[int] = []
+    targets: set[object] = set()
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         pins.append(sum(node.target is torch.ops.prims.inductor_force_stride_order.default
                         or node.target is torch.ops.prims.inductor_force_stride_order
                         for node in gm.graph.nodes))
+        targets.update(node.target for node in gm.graph.nodes)
         return gm.forward
 
     torch._dynamo.reset()
@@ -115,4 +131,88 @@ def test_compiled_rewrites_pin_layouts_for_inductor_and_keep_the_output():
     counts = apply_inductor_rewrites(stage.unet, enabled=False)  # already rewritten: undo counts
     assert counts["group_norms"] > 0
     assert sum(pins) == 2 * counts["group_norms"] + 2 * counts["resnet_blocks"]
+    assert counts["gelus"] > 0 and torch.exp2 in targets  # the fitted GELU was traced, ...
+    assert not targets & {F.gelu, torch._C._nn.gelu}  # ... and no erf GELU is left
+    assert counts["padded_convs"] > 0 and targets & {F.pad, torch._C._nn.pad}
     assert torch.allclose(compiled, eager, rtol=0, atol=5e-5)
+
+
+def _exact_gelu(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return x * 0.5 * torch.special.erfc(-x / 2**0.5)
+
+
+def test_erfc_fit_gelu_is_within_1e_6_of_float64_gelu_everywhere():
+    x = torch.cat([torch.linspace(-40, 40, 400_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    got = erfc_fit_gelu(x)
+    assert got.dtype == torch.float32
+    exact = _exact_gelu(x)
+    assert (got.double() - exact).abs().max().item() < 1e-6
+    # Where PyTorch's 1 + erf(x / √2) cancels, the fit keeps its relative accuracy.
+    tail = (x < -2) & (x > -ERFC_FIT_END * 2**0.5)
+    rel = ((got.double() - exact) / exact)[tail].abs().max().item()
+    assert rel < 2e-5
+    assert rel < ((F.gelu(x).double() - exact) / exact)[tail].abs().max().item()
+    # Beyond the fit Φ is 0 or 1 to far below fp16 precision.
+    assert torch.equal(erfc_fit_gelu(torch.tensor([10.0, 300.0])), torch.tensor([10.0, 300.0]))
+    assert erfc_fit_gelu(torch.tensor([-300.0, -10.0])).abs().max().item() < 1e-7
+
+
+def test_erfc_fit_gelu_in_fp16_rounds_correctly_more_often_than_pytorchs_gelu():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1_000_000, generator=g) * 3).half()
+    correct = _exact_gelu(x).half()
+    ours = erfc_fit_gelu(x)
+    assert ours.dtype == torch.float16
+    wrong = (ours != correct).float().mean().item()
+    pytorch_wrong = (F.gelu(x.float()).half() != correct).float().mean().item()
+    assert wrong < 1e-3 and wrong < pytorch_wrong / 10
+    # Every fp16 result is one of the two fp16 values around the exact one.
+    exact = _exact_gelu(x)
+    ulp = torch.finfo(torch.float16).eps * exact.abs().clamp(min=2**-14)
+    assert ((ours.double() - exact).abs() <= ulp).all()
+
+
+def test_fitted_gelu_module_is_pytorchs_outside_compiling_and_for_tanh():
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    module = nn.GELU()
+    module.__class__ = ErfcFitGELU
+    assert torch.equal(module(x), F.gelu(x))
+    tanh = ErfcFitGELU(approximate="tanh")
+    assert torch.equal(torch.compile(tanh, backend="eager")(x), F.gelu(x, approximate="tanh"))
+    compiled = torch.compile(module, backend="eager")(x)
+    assert not torch.equal(compiled, F.gelu(x))
+    assert torch.equal(compiled, erfc_fit_gelu(x))
+
+
+@pytest.mark.parametrize("channels,stride", [(6, 1), (3, 2), (13, 1)])
+def test_channel_padded_conv_pads_only_while_compiling_and_computes_the_same(channels, stride):
+    g = torch.Generator().manual_seed(channels)
+    conv = nn.Conv2d(channels, 5, 3, stride=stride, padding=1)
+    x = torch.randn(2, channels, 9, 11, generator=g)
+    expected = conv(x)
+    assert ChannelPaddedConv2d.wants(conv)
+    conv.__class__ = ChannelPaddedConv2d
+    assert torch.equal(conv(x), expected)  # eager: the plain convolution
+    shapes: list[tuple[int, ...]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        shapes.extend(tuple(node.meta["example_value"].shape) for node in gm.graph.nodes
+                      if node.target in (F.pad, torch._C._nn.pad))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(conv, backend=backend)(x)
+    finally:
+        torch._dynamo.reset()
+    padded = -channels % 8 + channels
+    assert sorted(shapes) == sorted([(2, padded, 9, 11), (5, padded, 3, 3)])
+    assert torch.allclose(compiled, expected, rtol=0, atol=1e-5)
+
+
+def test_channel_padded_conv_leaves_wide_grouped_and_other_convs():
+    assert not ChannelPaddedConv2d.wants(nn.Conv2d(16, 4, 3))
+    assert not ChannelPaddedConv2d.wants(nn.Conv2d(6, 6, 3, groups=3))
+    assert not ChannelPaddedConv2d.wants(nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"))
+    assert not ChannelPaddedConv2d.wants(nn.Conv1d(6, 4, 3))
