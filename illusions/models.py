@@ -370,11 +370,11 @@ class UNetStage:
 
         With ``rewrites`` the UNet's group norms, resnet blocks, GELUs and thin convolutions are
         first rewritten into forms inductor compiles better (:mod:`illusions.inductor_rewrites`:
-        IF-II-M 74.7 → 62.1 ms a call of 16 rows on an H200). In the default ``mode`` inductor also runs in its
-        deterministic mode, which tunes no kernel by timing it: every process compiles the same
-        kernels, so compiled replicas give one picture for one seed (bit-identical across
-        processes, measured; about 1 % slower). Results differ from eager by fp16 rounding
-        (≤ 6.8e-3 a call on IF-II-M), so the default path stays eager kernels."""
+        IF-II-M 73.5 → 61.6 ms a call of 16 rows on an H200). In the default ``mode`` inductor
+        also runs in its deterministic mode, which tunes no kernel by timing it: every process
+        compiles the same kernels, so compiled replicas give one picture for one seed
+        (bit-identical across processes, measured; about 1 % slower). Results differ from eager
+        by fp16 rounding (≤ 6.8e-3 a call on IF-II-M), so the default path stays eager kernels."""
         if rewrites:
             from illusions.inductor_rewrites import apply_inductor_rewrites
 
