@@ -1,8 +1,9 @@
 """Samples from several callers sharing UNet calls, step by step.
 
 A :class:`BatchRunner` owns one stage's UNet in one thread. Callers (a service's request threads)
-hand it a denoising job and wait; between two steps the runner lets new jobs join, then runs one
-UNet call for the pending step of every job (:class:`illusions.sampling.SharedSteps`). Each job
+hand it a denoising job and wait; between two UNet calls the runner lets new jobs join, then runs
+one call of at most ``max_batch`` rows for the jobs that have waited longest
+(:class:`illusions.sampling.SharedSteps`), so calls stay full while enough rows wait. Each job
 keeps its own generator, so what a caller gets equals the sample run alone, up to the float
 rounding of a larger batch, and exactly while it runs alone.
 """

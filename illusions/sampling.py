@@ -235,20 +235,29 @@ def run_job(stage: UNetStage, job: DenoiseJob) -> torch.Tensor:
 
 
 class SharedSteps:
-    """Jobs advancing together: each :meth:`step` runs one UNet call for the pending step of every
-    unfinished job (chunked by ``stage.max_batch``), each row with its own sample's timestep, so
-    jobs may join at any step and need not have the same number of steps. Each job keeps its own
-    generator; its result equals :func:`run_job`'s up to the float rounding of a larger batch (and
-    exactly, while it runs alone). Not thread-safe: one thread drives it.
+    """Jobs advancing together through shared UNet calls, each row with its own sample's
+    timestep, so jobs may join at any step and need not have the same number of steps. Each job
+    keeps its own generator; its result equals :func:`run_job`'s up to the float rounding of a
+    larger batch (and exactly, while it runs alone). Not thread-safe: one thread drives it.
+
+    Each :meth:`step` is one UNet call of at most ``stage.max_batch`` rows (all pending rows when
+    it is 0), filled from the jobs that have waited longest; a job's rows may be split between
+    two calls, and the job moves on when all of them are done. So every call is full while
+    enough rows are pending, whenever jobs arrived: with ``--fixed-batch`` a call costs the same
+    however few of its rows are real, and a service whose requests arrive in groups would
+    otherwise run half-empty calls for each group's stragglers. No job waits more than one round
+    of the pending rows between two of its steps.
     """
 
     def __init__(self, stage: UNetStage) -> None:
         self.stage = stage
         self._jobs: dict[int, DenoiseJob] = {}
+        # The jobs' current calls, oldest first (a job's next call goes to the end).
         self._pending: dict[int, UNetCall] = {}
+        self._done_rows: dict[int, list[torch.Tensor]] = {}  # outputs of a call's first rows
         self._dones: dict[int, Callable[[torch.Tensor | BaseException], None]] = {}
         self._next_key = 0
-        self.unet_calls = 0  # shared calls made (one per step, whatever the number of jobs)
+        self.unet_calls = 0  # shared UNet calls made
         self.job_steps = 0  # steps taken, summed over jobs
 
     def __len__(self) -> int:
@@ -279,30 +288,45 @@ class SharedSteps:
         for key in list(self._jobs):
             self._jobs.pop(key).close()
             self._pending.pop(key, None)
+            self._done_rows.pop(key, None)
             self._dones.pop(key)(error)
 
     def step(self) -> None:
-        """One UNet call for every pending job, and each job on to its next call (or its end)."""
-        keys, calls = list(self._pending), list(self._pending.values())
-        self._pending.clear()
-        if not calls:
+        """One UNet call for the rows that have waited longest, and every job whose call is then
+        complete on to its next call (or its end)."""
+        if not self._pending:
             return
+        room = self.stage.max_batch or sum(c.rows for c in self._pending.values())
+        parts: list[tuple[int, UNetCall, slice]] = []  # (job, its call, the rows taken)
+        for key, call in self._pending.items():
+            start = sum(out.shape[0] for out in self._done_rows.get(key, ()))
+            rows = slice(start, start + min(call.rows - start, room))
+            parts.append((key, call, rows))
+            room -= rows.stop - rows.start
+            if room == 0:
+                break
         self.unet_calls += 1
-        self.job_steps += len(calls)
         with torch.no_grad():
-            if len(calls) == 1:  # alone: exactly the call run_job makes
-                c = calls[0]
+            if len(parts) == 1 and parts[0][2] == slice(0, parts[0][1].rows):
+                c = parts[0][1]  # one whole call alone: exactly the call run_job makes
                 outs = [self.stage.predict(c.sample, c.timestep, c.embeds, c.class_labels)]
             else:
-                sample = torch.cat([c.sample for c in calls])
-                timestep = torch.cat([c.timestep.reshape(-1).expand(c.rows) for c in calls])
-                embeds = torch.cat([c.embeds for c in calls])
-                labels = (None if calls[0].class_labels is None
-                          else torch.cat([c.class_labels for c in calls]))
+                sample = torch.cat([c.sample[r] for _, c, r in parts])
+                timestep = torch.cat([c.timestep.reshape(-1).expand(c.rows)[r]
+                                      for _, c, r in parts])
+                embeds = torch.cat([c.embeds[r] for _, c, r in parts])
+                labels = (None if parts[0][1].class_labels is None
+                          else torch.cat([c.class_labels[r] for _, c, r in parts]))
                 outs = self.stage.predict(sample, timestep, embeds, labels).split(
-                    [c.rows for c in calls])
-            for key, out in zip(keys, outs, strict=True):
-                self._advance(key, out)
+                    [r.stop - r.start for _, _, r in parts])
+            for (key, call, rows), out in zip(parts, outs, strict=True):
+                if rows.stop < call.rows:  # the rest of this call's rows go first next time
+                    self._done_rows.setdefault(key, []).append(out)
+                    continue
+                earlier = self._done_rows.pop(key, [])
+                del self._pending[key]  # its next call joins the end of the queue
+                self.job_steps += 1
+                self._advance(key, torch.cat([*earlier, out]) if earlier else out)
 
 
 def run_batched(stage: UNetStage, jobs: Sequence[DenoiseJob]) -> list[torch.Tensor | BaseException]:

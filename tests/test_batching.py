@@ -74,9 +74,8 @@ def test_stage_1_batched_in_chunks(stage1, prompts, alone):
 
 
 def test_fixed_batch_pads_every_call_to_one_shape(stage1, prompts, alone):
-    """--fixed-batch: jobs of 4 and 6 rows that end at different steps share calls whose row
-    count changes (14, 10, 4); every UNet call still has exactly max_batch rows, and the padding
-    changes no result."""
+    """--fixed-batch: jobs of 4 and 6 rows that end at different steps share calls; every UNet
+    call has exactly max_batch rows, the last one's padded, and the padding changes no result."""
     seen: list[tuple[int, ...]] = []
     hook = stage1.unet.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((args[0].shape[0], args[1].shape[0])),
@@ -92,6 +91,47 @@ def test_fixed_batch_pads_every_call_to_one_shape(stage1, prompts, alone):
     for a, b in zip(alone, batched, strict=True):
         assert (a - b).abs().max() <= TOLERANCE
     assert (single - alone[0]).abs().max() <= TOLERANCE
+
+
+def test_every_call_is_full_while_enough_rows_wait(stage1, prompts, monkeypatch):
+    """Jobs of 4, 6 and 4 rows (5, 3 and 4 steps: 54 rows in all) with at most 4 rows a call:
+    a job's rows may be split between two calls, so 13 calls are full and only the last, when
+    2 rows are left, is not: 14 calls, where stepping every job each round takes 15, 3 of them
+    part-empty."""
+    from illusions.sampling import SharedSteps
+
+    real_rows: list[int] = []
+    predict = stage1.predict
+    monkeypatch.setattr(stage1, "predict",
+                        lambda sample, *a, **k: real_rows.append(sample.shape[0])
+                        or predict(sample, *a, **k))
+    stage1.max_batch = 4
+    try:
+        shared = SharedSteps(stage1)
+        results: list = [None] * 3
+        for k, job in enumerate(_stage_1_jobs(stage1, prompts)):
+            shared.add(job, lambda result, k=k: results.__setitem__(k, result))
+        while len(shared):
+            shared.step()
+    finally:
+        stage1.max_batch = 0
+    assert real_rows == [4] * 13 + [2]
+    assert shared.unet_calls == 14 and shared.job_steps == 5 + 3 + 4
+    assert all(isinstance(r, torch.Tensor) for r in results)
+
+
+def test_a_job_split_between_calls_equals_the_job_alone(stage1, prompts):
+    """One job of 6 rows with at most 4 a call: its rows go through two calls (4 + 2), as
+    run_job's own chunking does, and the picture is the same."""
+    job = _stage_1_jobs(stage1, prompts)[1]
+    again = _stage_1_jobs(stage1, prompts)[1]
+    stage1.max_batch = 4
+    try:
+        shared = run_batched(stage1, [job])[0]
+        alone = run_job(stage1, again)
+    finally:
+        stage1.max_batch = 0
+    assert torch.allclose(shared, alone, rtol=0, atol=1e-6)
 
 
 def test_stage_2_batched_equals_alone(stage2, prompts):
