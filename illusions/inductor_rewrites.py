@@ -23,10 +23,10 @@ parameters and state dict are unchanged.
    and write transposed copies for the convolutions.
 4. **GELU from a fitted erfc** (:class:`ErfcFitGELU`, only while compiling). Exact GELU is
    ``x * Φ(x)``; PyTorch computes ``Φ`` as ``0.5 * (1 + erf(x / √2))``, and the fp32 ``erf``
-   (two polynomial branches and an exponential) made the fused normalise + GELU kernels bound by
-   instructions: 0.21 ms against 0.13 ms for the same kernel with ReLU (16 x 128 x 256 x 256 fp16
-   values, H200). Here ``erfc(t) = 2 ** -(t * R(t))`` with ``R`` a polynomial of degree 9 fitted
-   on ``0 <= t <= 4.5`` (see :data:`ERFC_FIT`), one branch-free exponential. It is closer to the
+   made the fused normalise + GELU kernels bound by instructions: 0.21 ms against 0.13 ms for
+   the same kernel with ReLU (16 x 128 x 256 x 256 fp16 values, H200). Here
+   ``erfc(t) = 2 ** -(t * R(t))`` with ``R`` a polynomial of degree 9 fitted on
+   ``0 <= t <= 4.5`` (see :data:`ERFC_FIT`), one branch-free exponential. It is closer to the
    exact GELU than PyTorch's own: ``1 + erf`` cancels for negative inputs, ``erfc`` does not. On
    normal inputs of standard deviation 3, 0.02 % of its fp16 results differ from the correctly
    rounded GELU, against 3.6 % for inductor's ``erf`` GELU (7.7 % on the CPU).
@@ -35,9 +35,10 @@ parameters and state dict are unchanged.
    IF-II's 6-channel ``conv_in`` and ran it on CUDA cores in 1.04 ms a call (16 rows, H200),
    against 0.27 ms for the same convolution with 8 channels. The padding adds products of zeros.
 
-On an H200 these took a compiled IF-II-M call of 16 rows from 75.1 to 64.7 ms (36.6 % to 42.6 %
-of the dense fp16 peak). Only :meth:`illusions.models.UNetStage.compile` applies them: the
-default (eager) path keeps diffusers' modules, and so the reference implementation's results.
+On an H200 rewrites 1–3 took a compiled IF-II-M call of 16 rows from 75.1 to 64.7 ms (36.6 % to
+42.6 % of the dense fp16 peak), and 4–5 from 64.4 to 62.1 ms (44.3 %). Only
+:meth:`illusions.models.UNetStage.compile` applies them: the default (eager) path keeps
+diffusers' modules, and so the reference implementation's results.
 """
 
 from __future__ import annotations
