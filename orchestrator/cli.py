@@ -344,6 +344,10 @@ def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
     all_rows = 2 * len(args.views) * args.batch if args.fixed_batch else 0
     stage1_rows, stage2_rows = (n or all_rows for n in (args.max_batch * 2)[:2])
     unet_options = {"compile": args.compile, "fixed_batch": args.fixed_batch}
+    stage2_devices = [str(parse_device(name)) for name in args.stage2_devices or [device]]
+    # --parallel stage-2 calls are spread over the replicas: each replica runs its share at once
+    # (the stage-2 calls of several stage-1 groups), not only one --batch.
+    stage2_concurrent = max(args.batch, -(-args.parallel // len(stage2_devices)))
     return [
         LocalServiceSpec("encoder", args.encoder_model or args.stage1_model,
                          str(parse_device(args.encoder_device)),
@@ -353,9 +357,9 @@ def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
                          args.random_weights, stage1_rows, args.batch, **unet_options),
     ] + [
         LocalServiceSpec("stage2", args.stage2_model, d, _resolve_dtype(args.dtype, d),
-                         args.quantize, args.random_weights, stage2_rows, args.batch,
+                         args.quantize, args.random_weights, stage2_rows, stage2_concurrent,
                          **unet_options)
-        for d in (str(parse_device(name)) for name in args.stage2_devices or [device])
+        for d in stage2_devices
     ]
 
 

@@ -350,3 +350,14 @@ def test_local_mode_services_for_fixed_batch_and_compile():
     plain = specs("--batch", "4", "--stage2-devices", "cpu", "cpu")
     assert [(s.kind, s.max_batch, s.fixed_batch) for s in plain] == [
         ("encoder", 0, False), ("stage1", 0, False), ("stage2", 0, False), ("stage2", 0, False)]
+    # --parallel stage-2 calls spread over the replicas: each runs its share at once.
+    groups = specs("--batch", "8", "--parallel", "24", "--stage2-devices", "cpu", "cpu", "cpu")
+    assert [(s.kind, s.max_concurrent) for s in groups][1:] == [
+        ("stage1", 8), ("stage2", 8), ("stage2", 8), ("stage2", 8)]
+    one = specs("--batch", "8", "--parallel", "24", "--fixed-batch", "--max-batch", "32", "16")
+    assert [(s.kind, s.max_concurrent, s.max_batch) for s in one][1:] == [
+        ("stage1", 8, 32), ("stage2", 24, 16)]
+    command = one[2].command()
+    assert command[command.index("--max-concurrent") + 1] == "24"
+    assert [s.max_concurrent for s in specs("--batch", "4", "--parallel", "5",
+                                            "--stage2-devices", "cpu", "cpu")][2:] == [4, 4]
