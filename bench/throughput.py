@@ -269,6 +269,9 @@ def main() -> None:
     parser.add_argument("--fixed-batch", action="store_true",
                         help="stage services pad every UNet call to their max batch (one shape; "
                              "needs --stage1-max-batch)")
+    parser.add_argument("--batch-multiple", type=int, nargs=2, default=[0, 0], metavar="N",
+                        help="with --fixed-batch: stage 1's and stage 2's calls padded only to "
+                             "the next multiple of N rows (0: to the max batch), e.g. 8 4")
     parser.add_argument("--encoder-device", default="cuda:0")
     parser.add_argument("--encoder-dtype", default="float16")
     parser.add_argument("--baseline-repeats", type=int, default=2)
@@ -317,7 +320,8 @@ def main() -> None:
         def unet_spec(kind: str, model: str, device: str, max_batch: int) -> LocalServiceSpec:
             return LocalServiceSpec(kind, model, device, "float16", random_weights=True,
                                     max_batch=max_batch, max_concurrent=most,
-                                    compile=args.compile, fixed_batch=args.fixed_batch)
+                                    compile=args.compile, fixed_batch=args.fixed_batch,
+                                    batch_multiple=args.batch_multiple[kind == "stage2"])
 
         specs = [LocalServiceSpec("encoder", str(ENCODER), args.encoder_device,
                                   args.encoder_dtype, random_weights=True),

@@ -296,6 +296,7 @@ class UNetStage:
     compiled: Any | None = None  # torch.compile'd UNet once compile() was called
     max_batch: int = 0  # most rows per UNet call (0: all 2 x views rows at once)
     fixed_batch: bool = False  # every UNet call runs exactly max_batch rows (short ones padded)
+    batch_multiple: int = 0  # with fixed_batch: pad to the next multiple of this (0: max_batch)
 
     @property
     def sample_size(self) -> int:
@@ -318,6 +319,8 @@ class UNetStage:
         With ``fixed_batch`` too, a shorter chunk is padded to ``max_batch`` rows (copies of its
         last row, whose outputs are dropped) and the timestep given per row, so every call has one
         shape: one CUDA graph, one compiled kernel set, whatever mix of requests shares the call.
+        With ``batch_multiple`` as well, it is padded only to the next multiple of that many rows
+        (see :meth:`call_sizes`): a few shapes, and a call costs about what its rows need.
         """
         step = self.max_batch or sample.shape[0]
         outputs = []
@@ -337,16 +340,52 @@ class UNetStage:
         return self.forward(sample, timestep, encoder_hidden_states=embeds, class_labels=labels,
                             return_dict=False)[0]
 
+    def padded_rows(self, rows: int) -> int:
+        """The rows a UNet call of ``rows`` rows (at most ``max_batch``) runs: with ``fixed_batch``
+        ``max_batch``, or the next multiple of ``batch_multiple`` when that is set (capped at
+        ``max_batch``); else ``rows`` itself."""
+        if not (self.fixed_batch and self.max_batch):
+            return rows
+        if not self.batch_multiple:
+            return self.max_batch
+        return min(self.max_batch, -(-rows // self.batch_multiple) * self.batch_multiple)
+
+    def call_sizes(self) -> list[int]:
+        """Every row count a UNet call runs with ``fixed_batch``, smallest first: ``max_batch``
+        alone, or the multiples of ``batch_multiple`` below it and then ``max_batch``. Each is one
+        compiled shape and one CUDA graph; a service makes them all at start-up."""
+        if not (self.fixed_batch and self.max_batch):
+            return []
+        return sorted({self.padded_rows(rows) for rows in range(1, self.max_batch + 1)})
+
+    def warm_up_call_sizes(self, tokens: int) -> None:
+        """Make one UNet call of each of :meth:`call_sizes`, from zeros shaped and typed as
+        sampling's calls are (``tokens`` embeddings a row), so each size is compiled and
+        captured before the first request needs it."""
+        config = self.unet.config
+        dim = int(config.encoder_hid_dim or config.cross_attention_dim)
+        on = {"device": self.device}
+        for rows in self.call_sizes():
+            size = (rows, config.in_channels, self.sample_size, self.sample_size)
+            labels = (None if self.image_noising_scheduler is None
+                      else torch.zeros(rows, dtype=torch.long, **on))
+            with torch.no_grad():
+                self.predict(torch.zeros(size, dtype=self.dtype, **on),
+                             torch.zeros(rows, dtype=torch.long, **on),
+                             torch.zeros(rows, tokens, dim, dtype=self.dtype, **on), labels)
+
     def _padded(self, sample: torch.Tensor, timestep: Any, embeds: torch.Tensor,
                 labels: torch.Tensor | None) -> torch.Tensor:
-        """One UNet call of exactly ``max_batch`` rows for ``sample``'s rows (at most that many)."""
+        """One UNet call of :meth:`padded_rows` rows for ``sample``'s rows (at most
+        ``max_batch``)."""
         real = sample.shape[0]
+        size = self.padded_rows(real)
         timestep = torch.as_tensor(timestep, device=sample.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(real)
 
         def pad(x: torch.Tensor) -> torch.Tensor:  # contiguous too: one layout, one compile
-            extra = self.max_batch - real
+            extra = size - real
             return (x.contiguous() if extra == 0
                     else torch.cat([x, x[-1:].expand(extra, *x.shape[1:])]))
 
@@ -379,6 +418,11 @@ class UNetStage:
             from illusions.inductor_rewrites import apply_inductor_rewrites
 
             apply_inductor_rewrites(self.unet)
+        # dynamic=False compiles each row count on its own; dynamo's limit of shapes per
+        # function (8 by default) would otherwise send the further call sizes back to eager.
+        shapes = len(self.call_sizes())
+        if shapes > torch._dynamo.config.recompile_limit:
+            torch._dynamo.config.recompile_limit = shapes
         if backend == "inductor" and mode == "default":
             self.compiled = torch.compile(self.unet, backend=backend, dynamic=False,
                                           options={"deterministic": True})

@@ -244,8 +244,8 @@ class SharedSteps:
     it is 0), filled from the jobs that have waited longest; a job's rows may be split between
     two calls, and the job moves on when all of them are done. So every call is full while
     enough rows are pending, whenever jobs arrived: with ``--fixed-batch`` a call costs the same
-    however few of its rows are real, and a service whose requests arrive in groups would
-    otherwise run half-empty calls for each group's stragglers. No job waits more than one round
+    however few of its rows are real (up to the next ``--batch-multiple``), and a service whose
+    requests arrive in groups would otherwise run half-empty calls for each group's stragglers. No job waits more than one round
     of the pending rows between two of its steps.
     """
 

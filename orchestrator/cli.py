@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "(its --max-batch, or 2 x views x --batch when that is 0; short calls "
                           "are padded): one CUDA graph, and with --compile one compiled shape, "
                           "compiled at start-up")
+    gen.add_argument("--batch-multiple", type=int, nargs="+", default=[0], metavar="N",
+                     help="local mode, with --fixed-batch: pad each UNet call only to the next "
+                          "multiple of N rows (one number for both stages, or two), so a call "
+                          "that is not full costs less; each row count up to --max-batch is "
+                          "one more shape to compile and capture at start-up. E.g. 8 4 for "
+                          "2 views (one sample's rows in stage 2). 0: pad to --max-batch")
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
     gen.add_argument("--retry-timeout", type=float, default=120.0, metavar="S",
@@ -188,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="every UNet call runs exactly --max-batch rows, short ones padded: one "
                           "CUDA graph and one compiled shape for any mix of requests (with "
                           "--max-concurrent and --compile)")
+    srv.add_argument("--batch-multiple", type=int, default=0, metavar="N",
+                     help="with --fixed-batch: pad each call only to the next multiple of N rows "
+                          "(capped at --max-batch): a call that is not full costs less, at one "
+                          "compiled shape and CUDA graph per row count, all made at start-up. "
+                          "0: pad to --max-batch")
     srv.add_argument("--max-concurrent", type=int, default=1, metavar="N",
                      help="requests sampled at once; a stage service runs them through shared "
                           "UNet calls, step by step (more throughput, more GPU memory unless "
@@ -285,6 +296,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.fixed_batch and args.max_batch < 1:
         raise InvalidInputError("--fixed-batch pads every UNet call to --max-batch rows: give "
                                 "--max-batch N too (e.g. 16)")
+    _check_batch_multiple([args.batch_multiple], args.fixed_batch)
     configure_logging()
     # Before CUDA starts: segments that grow in place keep the CUDA graphs' memory pools compact
     # (docs/benchmarks.md: the int8 IF-I-XL process 8.3 -> 6.3 GiB). A setting of the user's wins.
@@ -303,6 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         compile=args.compile,
         max_batch=args.max_batch,
         fixed_batch=args.fixed_batch,
+        batch_multiple=args.batch_multiple,
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
         parent_pid=args.parent_pid,
@@ -328,6 +341,17 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_batch_multiple(values: list[int], fixed_batch: bool) -> None:
+    """--batch-multiple: one or two numbers (local mode), none negative, and only with padding."""
+    given = " ".join(map(str, values))
+    if len(values) > 2 or min(values) < 0:
+        raise InvalidInputError(f"--batch-multiple {given}: give one number for both stages or "
+                                "two (stage 1, stage 2), each 0 (pad to --max-batch) or more")
+    if any(values) and not fixed_batch:
+        raise InvalidInputError(f"--batch-multiple {given} sets how far --fixed-batch pads a "
+                                "UNet call: add --fixed-batch (and --max-batch N)")
+
+
 def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
     """The services local mode starts for ``generate``'s arguments: the encoder, stage 1 and one
     stage 2 per ``--stage2-devices`` entry (one on ``--device`` by default)."""
@@ -343,6 +367,8 @@ def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
     # --fixed-batch pads every call to one row count: --max-batch, else all rows of a batch.
     all_rows = 2 * len(args.views) * args.batch if args.fixed_batch else 0
     stage1_rows, stage2_rows = (n or all_rows for n in (args.max_batch * 2)[:2])
+    _check_batch_multiple(args.batch_multiple, args.fixed_batch)
+    stage1_multiple, stage2_multiple = (args.batch_multiple * 2)[:2]
     unet_options = {"compile": args.compile, "fixed_batch": args.fixed_batch}
     stage2_devices = [str(parse_device(name)) for name in args.stage2_devices or [device]]
     # --parallel stage-2 calls are spread over the replicas: each replica runs its share at once
@@ -354,11 +380,12 @@ def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
                          _resolve_dtype(args.encoder_dtype, args.encoder_device),
                          args.encoder_quantize, args.random_weights),
         LocalServiceSpec("stage1", args.stage1_model, device, dtype, args.quantize,
-                         args.random_weights, stage1_rows, args.batch, **unet_options),
+                         args.random_weights, stage1_rows, args.batch, **unet_options,
+                         batch_multiple=stage1_multiple),
     ] + [
         LocalServiceSpec("stage2", args.stage2_model, d, _resolve_dtype(args.dtype, d),
                          args.quantize, args.random_weights, stage2_rows, stage2_concurrent,
-                         **unet_options)
+                         **unet_options, batch_multiple=stage2_multiple)
         for d in stage2_devices
     ]
 
@@ -408,8 +435,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "--stage2-devices starts local replicas; with remote services list their "
                 "addresses in --stage2 instead"
             )
-        for flag in ("compile", "fixed_batch"):
-            if getattr(args, flag):
+        for flag in ("compile", "fixed_batch", "batch_multiple"):
+            if getattr(args, flag) not in (False, [0]):
                 name = "--" + flag.replace("_", "-")
                 raise InvalidInputError(
                     f"{name} applies to local mode; start remote stage services with "

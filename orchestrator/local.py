@@ -43,6 +43,7 @@ class LocalServiceSpec:
     max_concurrent: int = 1  # UNet services: requests that share UNet calls
     compile: bool = False  # UNet services: torch.compile the UNet
     fixed_batch: bool = False  # UNet services: every UNet call has max_batch rows
+    batch_multiple: int = 0  # UNet services, with fixed_batch: pad to multiples of this
 
     def command(self) -> list[str]:
         cmd = [
@@ -57,6 +58,8 @@ class LocalServiceSpec:
             if self.max_concurrent > 1:
                 cmd += ["--max-concurrent", str(self.max_concurrent)]
             cmd += ["--compile"] * self.compile + ["--fixed-batch"] * self.fixed_batch
+            if self.batch_multiple:
+                cmd += ["--batch-multiple", str(self.batch_multiple)]
         return cmd + (["--random-weights"] if self.random_weights else [])
 
 

@@ -93,6 +93,51 @@ def test_fixed_batch_pads_every_call_to_one_shape(stage1, prompts, alone):
     assert (single - alone[0]).abs().max() <= TOLERANCE
 
 
+def test_call_sizes_are_the_multiples_up_to_max_batch(stage1):
+    """--batch-multiple: a call is padded to the next multiple (capped at max_batch); without it,
+    or without --fixed-batch, the sizes are as before."""
+    sizes = {}
+    try:
+        for fixed, most, multiple in ((True, 16, 4), (True, 10, 4), (True, 16, 0),
+                                      (True, 16, 32), (False, 16, 4)):
+            stage1.fixed_batch, stage1.max_batch, stage1.batch_multiple = fixed, most, multiple
+            sizes[fixed, most, multiple] = (stage1.call_sizes(),
+                                            [stage1.padded_rows(n) for n in (1, 4, 5, 9, 10)])
+    finally:
+        stage1.fixed_batch, stage1.max_batch, stage1.batch_multiple = False, 0, 0
+    assert sizes == {
+        (True, 16, 4): ([4, 8, 12, 16], [4, 4, 8, 12, 12]),
+        (True, 10, 4): ([4, 8, 10], [4, 4, 8, 10, 10]),
+        (True, 16, 0): ([16], [16] * 5),
+        (True, 16, 32): ([16], [16] * 5),
+        (False, 16, 4): ([], [1, 4, 5, 9, 10]),
+    }
+
+
+def test_batch_multiple_pads_short_calls_less(stage1, prompts, alone):
+    """--fixed-batch --max-batch 8 with --batch-multiple 2 and 4: jobs of 4, 6 and 4 rows (54 in
+    all) share calls of at most 8 rows; a call of fewer rows runs only up to the next multiple,
+    not 8. No result changes."""
+    seen: dict[int, list[int]] = {4: [], 2: []}
+    multiple = 4
+    hook = stage1.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen[multiple].append(args[0].shape[0]), with_kwargs=True)
+    stage1.max_batch, stage1.fixed_batch = 8, True
+    try:
+        for multiple in seen:
+            stage1.batch_multiple = multiple
+            batched = run_batched(stage1, _stage_1_jobs(stage1, prompts))
+            for a, b in zip(alone, batched, strict=True):
+                assert (a - b).abs().max() <= TOLERANCE
+    finally:
+        stage1.max_batch, stage1.fixed_batch, stage1.batch_multiple = 0, False, 0
+        hook.remove()
+    # Multiples of 2: each call runs its real rows (calls hold whole steps of jobs of 4 and 6
+    # rows, so some hold 6); multiples of 4: the 6-row calls run 8, and nothing else changes.
+    assert sum(seen[2]) == 54 and 6 in seen[2] and set(seen[2]) <= {2, 4, 6, 8}, seen
+    assert seen[4] == [4 * -(-rows // 4) for rows in seen[2]], seen
+
+
 def test_every_call_is_full_while_enough_rows_wait(stage1, prompts, monkeypatch):
     """Jobs of 4, 6 and 4 rows (5, 3 and 4 steps: 54 rows in all) with at most 4 rows a call:
     a job's rows may be split between two calls, so 13 calls are full and only the last, when
@@ -269,5 +314,46 @@ def test_fixed_batch_service_compiles_its_one_shape_at_start_up(monkeypatch, pro
             run_job(stage, stage_1_job(stage, embeds, negative, build_views(names),
                                        new_generator(0), params))
         assert len(traced) == at_start
+    finally:
+        torch._dynamo.reset()
+
+
+def test_batch_multiple_service_compiles_each_call_size_at_start_up(monkeypatch, prompts):
+    """serve --compile --fixed-batch --max-batch 4 --batch-multiple 2: start-up compiles both
+    call sizes (2 and 4 rows), with the inputs sampling gives them, so requests of 2, 4 and 6
+    rows compile nothing more; and a service of more call sizes than dynamo's recompile limit
+    raises the limit, so no size falls back to eager."""
+    from conftest import STAGE1_DIR
+
+    from illusions.models import UNetStage
+    from services.common.server import ServerConfig
+    from services.common.stage import load_stage
+
+    traced: list[int] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        traced.append(next(x.shape[0] for x in example_inputs if x.ndim == 4))
+        return gm.forward
+
+    compile_with = UNetStage.compile
+    monkeypatch.setattr(UNetStage, "compile",
+                        lambda self, **kw: compile_with(self, backend=recording_backend))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.reset()
+    try:
+        config = ServerConfig(service="stage1", model=str(STAGE1_DIR), compile=True,
+                              fixed_batch=True, max_batch=4, batch_multiple=2)
+        stage = load_stage(config, 1)
+        assert sorted(traced) == [2, 4]
+        two, three, negative = prompts
+        params = SamplingParams(num_inference_steps=2, guidance_scale=3.0)
+        for embeds, names in ((two[:1], ["identity"]), (two, ["identity", "flip"]),
+                              (three, ["identity", "flip", "rotate_cw"])):
+            run_job(stage, stage_1_job(stage, embeds, negative, build_views(names),
+                                       new_generator(0), params))
+        assert sorted(traced) == [2, 4]
+        stage.max_batch, stage.batch_multiple = 20, 2  # 10 sizes
+        stage.compile()
+        assert torch._dynamo.config.recompile_limit == 10
     finally:
         torch._dynamo.reset()

@@ -315,6 +315,10 @@ def test_option_combinations_that_cannot_work_are_refused_before_anything_starts
     assert "illusion serve ... --compile" in capsys.readouterr().err
     assert main([*remote, "--fixed-batch"]) == 2
     assert "illusion serve ... --fixed-batch" in capsys.readouterr().err
+    assert main([*remote, "--batch-multiple", "4"]) == 2
+    assert "illusion serve ... --batch-multiple" in capsys.readouterr().err
+    assert main(["serve", "stage2", "--max-batch", "16", "--batch-multiple", "4"]) == 2
+    assert "add --fixed-batch" in capsys.readouterr().err
 
 
 def test_local_mode_services_for_fixed_batch_and_compile():
@@ -361,3 +365,32 @@ def test_local_mode_services_for_fixed_batch_and_compile():
     assert command[command.index("--max-concurrent") + 1] == "24"
     assert [s.max_concurrent for s in specs("--batch", "4", "--parallel", "5",
                                             "--stage2-devices", "cpu", "cpu")][2:] == [4, 4]
+
+
+def test_local_mode_batch_multiple_per_stage():
+    """generate --batch-multiple N [M] reaches each stage service as `serve --batch-multiple`,
+    and only with --fixed-batch, whose padding it sets."""
+    from illusions.sampling import InvalidInputError
+    from orchestrator.cli import build_parser, local_specs
+
+    def specs(*extra: str):
+        args = build_parser().parse_args(["generate", "--prompts", "a", "b", "--views",
+                                          "identity", "flip", "--device", "cpu", *extra])
+        return local_specs(args)
+
+    fixed = ("--batch", "8", "--fixed-batch", "--max-batch", "32", "16")
+    both = specs(*fixed, "--batch-multiple", "8", "4", "--stage2-devices", "cpu", "cpu")
+    assert [(s.kind, s.batch_multiple) for s in both] == [
+        ("encoder", 0), ("stage1", 8), ("stage2", 4), ("stage2", 4)]
+    for spec in both[1:]:
+        command = spec.command()
+        served = build_parser().parse_args(command[command.index("serve"):])
+        assert (served.fixed_batch, served.max_batch, served.batch_multiple) == (
+            True, spec.max_batch, spec.batch_multiple)
+    assert [s.batch_multiple for s in specs(*fixed, "--batch-multiple", "4")][1:] == [4, 4]
+    assert "--batch-multiple" not in specs(*fixed)[1].command()
+    with pytest.raises(InvalidInputError, match="add --fixed-batch"):
+        specs("--batch-multiple", "4")
+    for bad in (["8", "4", "2"], ["-4"]):
+        with pytest.raises(InvalidInputError, match="one number for both stages or two"):
+            specs(*fixed, "--batch-multiple", *bad)

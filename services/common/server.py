@@ -72,6 +72,7 @@ class ServerConfig:
     compile: bool = False  # torch.compile the UNet (each new row count compiles on first use)
     max_batch: int = 0  # most rows per UNet call; 0: all 2 x views rows (bounds memory)
     fixed_batch: bool = False  # every UNet call runs exactly max_batch rows (short ones padded)
+    batch_multiple: int = 0  # with fixed_batch: pad to the next multiple of this (0: max_batch)
     max_concurrent: int = 1  # sampling calls running at once (one GPU, one at a time)
     max_queue: int = 8  # calls allowed to wait beyond those; more get RESOURCE_EXHAUSTED
     grace_s: float = 10.0  # SIGTERM: how long in-flight calls may finish

@@ -96,8 +96,9 @@ def load_stage(config: ServerConfig, stage_number: int) -> UNetStage:
     )
     stage.max_batch = config.max_batch
     stage.fixed_batch = config.fixed_batch
-    # With a fixed row count the one shape is known: compile before the warm-up, which compiles
-    # it, so the service is fully warm when it reports SERVING.
+    stage.batch_multiple = config.batch_multiple
+    # With fixed row counts the shapes are known: compile before the warm-up, which compiles
+    # them, so the service is fully warm when it reports SERVING.
     compile_first = config.compile and config.fixed_batch and config.max_batch > 0
     if compile_first:
         stage.compile()
@@ -113,6 +114,11 @@ def load_stage(config: ServerConfig, stage_number: int) -> UNetStage:
     else:
         image = torch.zeros(1, 3, stage.sample_size // 4, stage.sample_size // 4)
         sample_stage_2(stage, image, zeros, zeros, views, generator, params)
+    if stage.fixed_batch:
+        sizes = stage.call_sizes()
+        logger.info("stage %d warms up its UNet calls of %s rows%s", stage_number,
+                    ", ".join(map(str, sizes)), " (each compiles)" * compile_first)
+        stage.warm_up_call_sizes(MAX_LENGTH)
     logger.info("stage %d warmed up", stage_number)
     if config.compile and not compile_first:
         # After the warm-up, so that start-up does not compile a row count no request may use.
