@@ -253,12 +253,16 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, nargs="*", default=[1, 2, 3],
                         help="stage-2 replica counts, one GPU each (needs that many GPUs + 1); "
                              "none: one GPU only")
-    parser.add_argument("--replica-batch", type=int, default=0,
+    parser.add_argument("--replica-batch", type=int, nargs="+", default=[0],
                         help="stage-1 calls in flight in the replica runs (default: all samples); "
-                             "fewer start stage 2 sooner, e.g. 8 with --stage1-max-batch 32")
+                             "fewer start stage 2 sooner, e.g. 8 with --stage1-max-batch 32. "
+                             "Several values: each is one set of replica runs")
     parser.add_argument("--share-gpu0", action="store_true",
                         help="stage-2 replicas on cuda:0..k-1 (the first beside stage 1) instead "
                              "of cuda:1..k")
+    parser.add_argument("--skip-one-gpu", action="store_true",
+                        help="replica runs only: no stage-2 service on cuda:0 and no one-GPU "
+                             "runs (stage 1 alone still runs, for stage 2's requests)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=10.0)
     parser.add_argument("--stage1-max-batch", type=int, default=0)
@@ -327,7 +331,8 @@ def main() -> None:
                                   args.encoder_dtype, random_weights=True),
                  unet_spec("stage1", s1_dir, "cuda:0", args.stage1_max_batch)]
         last = first + max(replicas, default=0) - 1  # GPU of the last replica
-        stage2_devices = [f"cuda:{g}" for g in range(max(last, 0) + 1)]
+        stage2_devices = [f"cuda:{g}" for g in range(max(last, 0) + 1)
+                          if g or not (args.skip_one_gpu and replicas and first)]
         specs += [unet_spec("stage2", s2_dir, d, args.stage2_max_batch) for d in stage2_devices]
         local = LocalServices(specs)
         with local as addresses:
@@ -338,21 +343,26 @@ def main() -> None:
                 return TimedClient(addresses["encoder"], addresses["stage1"], stage2,
                                    timeout=1800)
 
-            with client(by_device["cuda:0"]) as one_gpu:
+            one_gpu_runs = "cuda:0" in by_device  # not with --skip-one-gpu
+            with client(by_device[stage2_devices[0]]) as one_gpu:
                 one_gpu.check()
-                report["one_gpu"] = [bench.generate(one_gpu, b, b, 1, peak) for b in args.batch]
-                save()
+                if one_gpu_runs:
+                    report["one_gpu"] = [bench.generate(one_gpu, b, b, 1, peak)
+                                         for b in args.batch]
+                    save()
                 embeds, negative = (codec.encode(t) for t in one_gpu.encode(list(bench.views)))
                 report["stage1_only"], requests = bench.stage1_only(one_gpu, embeds, negative,
                                                                     peak)
-                report["stage2_only_one_gpu"] = bench.stage2_only(one_gpu, requests, 1, peak)
-                # The cascade's UNet work on that one GPU with each stage running alone (no time
-                # shared between the two processes, no pipeline filling or draining): FLOPs of
-                # both stages over the sum of the two stages' times.
-                busy = report["stage1_only"]["wall_s"] + report["stage2_only_one_gpu"]["wall_s"]
-                tflops = args.samples * (bench.flops[1] + bench.flops[2]) / busy / 1e12
-                report["cascade_stages_alone"] = {"wall_s": busy, "unet_tflops": tflops,
-                                                  "fraction_of_peak": tflops / peak}
+                if one_gpu_runs:
+                    report["stage2_only_one_gpu"] = bench.stage2_only(one_gpu, requests, 1, peak)
+                    # The cascade's UNet work on that one GPU with each stage running alone (no
+                    # time shared between the two processes, no pipeline filling or draining):
+                    # FLOPs of both stages over the sum of the two stages' times.
+                    busy = (report["stage1_only"]["wall_s"]
+                            + report["stage2_only_one_gpu"]["wall_s"])
+                    tflops = args.samples * (bench.flops[1] + bench.flops[2]) / busy / 1e12
+                    report["cascade_stages_alone"] = {"wall_s": busy, "unet_tflops": tflops,
+                                                      "fraction_of_peak": tflops / peak}
                 save()
             report["replicas"], report["stage2_only"] = [], []
             for k in replicas:
@@ -360,18 +370,24 @@ def main() -> None:
                 with client(target) as several:
                     several.check()
                     report["stage2_only"].append(bench.stage2_only(several, requests, k, peak))
-                    report["replicas"].append(
-                        bench.generate(several, args.replica_batch or args.samples,
-                                       args.samples, k + first, peak)
-                        | {"replicas": k, "share_gpu0": args.share_gpu0})
+                    for group in args.replica_batch:
+                        report["replicas"].append(
+                            bench.generate(several, group or args.samples, args.samples,
+                                           k + first, peak)
+                            | {"replicas": k, "replica_batch": group,
+                               "share_gpu0": args.share_gpu0})
                 save()
             if report["stage2_only"]:
                 report["stage2_scaling"] = scaling_efficiency(
                     {r["replicas"]: r["images_per_min"] for r in report["stage2_only"]})
-                report["end_to_end_scaling"] = scaling_efficiency(
-                    {r["replicas"]: r["images_per_min"] for r in report["replicas"]})
+                scaling = {group: scaling_efficiency(
+                    {r["replicas"]: r["images_per_min"] for r in report["replicas"]
+                     if r["replica_batch"] == group}) for group in args.replica_batch}
+                # One --replica-batch: the scaling itself, as before; several: one per value.
+                report["end_to_end_scaling"] = (scaling[args.replica_batch[0]]
+                                                if len(scaling) == 1 else scaling)
     if "baseline" in report:
-        for run in report["one_gpu"]:
+        for run in report.get("one_gpu", []):
             run["vs_baseline"] = run["images_per_min"] / report["baseline"]["images_per_min"]
     save()
     print(json.dumps(report, indent=2))

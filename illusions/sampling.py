@@ -245,8 +245,8 @@ class SharedSteps:
     two calls, and the job moves on when all of them are done. So every call is full while
     enough rows are pending, whenever jobs arrived: with ``--fixed-batch`` a call costs the same
     however few of its rows are real (up to the next ``--batch-multiple``), and a service whose
-    requests arrive in groups would otherwise run half-empty calls for each group's stragglers. No job waits more than one round
-    of the pending rows between two of its steps.
+    requests arrive in groups would otherwise run half-empty calls for each group's stragglers.
+    No job waits more than one round of the pending rows between two of its steps.
     """
 
     def __init__(self, stage: UNetStage) -> None:
