@@ -433,6 +433,8 @@ def test_compose_services(compose):
         assert port_of(check.address) == args.port and check.service == SERVICE_NAMES[args.service]
         assert "/models" in [v.split(":")[1] for v in service["volumes"]], name
         assert service["environment"]["HF_HOME"] == "/models"
+        # --compile's kernels outlive the container, in the volume the weights are in.
+        assert service["environment"]["TORCHINDUCTOR_CACHE_DIR"].startswith("/models/"), name
         assert service["secrets"] == ["hf_token"]
         assert service["environment"]["HF_TOKEN_PATH"] == "/run/secrets/hf_token"
         assert "user" not in service or service["user"].split(":")[0] not in ("0", "root")
@@ -568,6 +570,8 @@ def test_k8s_stage(service):
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["HF_HOME"] == "/models" and "secret" in _mounted(pod, container, env["HF_TOKEN_PATH"])
     assert "persistentVolumeClaim" in _mounted(pod, container, "/models/hub")
+    if service != "encoder":  # --compile's kernels outlive the pod, beside the weights
+        assert "persistentVolumeClaim" in _mounted(pod, container, env["TORCHINDUCTOR_CACHE_DIR"])
 
     # Probes: the project's probe with the pod's TLS files (Kubernetes' grpc: probe speaks no TLS);
     # readiness asks for the service the server registers, liveness and startup for the server.
