@@ -338,22 +338,24 @@ def test_batch_multiple_service_compiles_each_call_size_at_start_up(monkeypatch,
     compile_with = UNetStage.compile
     monkeypatch.setattr(UNetStage, "compile",
                         lambda self, **kw: compile_with(self, backend=recording_backend))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     torch._dynamo.reset()
     try:
-        config = ServerConfig(service="stage1", model=str(STAGE1_DIR), compile=True,
-                              fixed_batch=True, max_batch=4, batch_multiple=2)
-        stage = load_stage(config, 1)
-        assert sorted(traced) == [2, 4]
-        two, three, negative = prompts
-        params = SamplingParams(num_inference_steps=2, guidance_scale=3.0)
-        for embeds, names in ((two[:1], ["identity"]), (two, ["identity", "flip"]),
-                              (three, ["identity", "flip", "rotate_cw"])):
-            run_job(stage, stage_1_job(stage, embeds, negative, build_views(names),
-                                       new_generator(0), params))
-        assert sorted(traced) == [2, 4]
-        stage.max_batch, stage.batch_multiple = 20, 2  # 10 sizes
-        stage.compile()
-        assert torch._dynamo.config.recompile_limit == 10
+        # dynamo's own patching (monkeypatch's undo loses the setting from dynamo's config module).
+        with torch._dynamo.config.patch(recompile_limit=8):
+            config = ServerConfig(service="stage1", model=str(STAGE1_DIR), compile=True,
+                                  fixed_batch=True, max_batch=4, batch_multiple=2)
+            stage = load_stage(config, 1)
+            assert sorted(traced) == [2, 4]
+            two, three, negative = prompts
+            params = SamplingParams(num_inference_steps=2, guidance_scale=3.0)
+            for embeds, names in ((two[:1], ["identity"]), (two, ["identity", "flip"]),
+                                  (three, ["identity", "flip", "rotate_cw"])):
+                run_job(stage, stage_1_job(stage, embeds, negative, build_views(names),
+                                           new_generator(0), params))
+            assert sorted(traced) == [2, 4]
+            stage.max_batch, stage.batch_multiple = 20, 2  # 10 sizes
+            stage.compile()
+            assert torch._dynamo.config.recompile_limit == 10
+        assert torch._dynamo.config.recompile_limit == 8
     finally:
         torch._dynamo.reset()
