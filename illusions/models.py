@@ -279,6 +279,20 @@ def _place(module: torch.nn.Module, device: torch.device, quantized: bool) -> to
 # The three components
 
 
+def padded_rows(rows: int, max_batch: int, multiple: int = 0) -> int:
+    """The rows a padded UNet call of ``rows`` real rows (at most ``max_batch``) runs:
+    ``max_batch``, or with ``multiple`` the next multiple of it, capped at ``max_batch``."""
+    if not multiple:
+        return max_batch
+    return min(max_batch, -(-rows // multiple) * multiple)
+
+
+def call_sizes(max_batch: int, multiple: int = 0) -> list[int]:
+    """Every row count padded calls run, smallest first: ``max_batch`` alone, or the multiples of
+    ``multiple`` below it and then ``max_batch``."""
+    return sorted({padded_rows(rows, max_batch, multiple) for rows in range(1, max_batch + 1)})
+
+
 @dataclass
 class UNetStage:
     """A UNet with its schedulers: what one sampling stage needs.
@@ -342,21 +356,18 @@ class UNetStage:
 
     def padded_rows(self, rows: int) -> int:
         """The rows a UNet call of ``rows`` rows (at most ``max_batch``) runs: with ``fixed_batch``
-        ``max_batch``, or the next multiple of ``batch_multiple`` when that is set (capped at
-        ``max_batch``); else ``rows`` itself."""
+        see :func:`padded_rows`; else ``rows`` itself."""
         if not (self.fixed_batch and self.max_batch):
             return rows
-        if not self.batch_multiple:
-            return self.max_batch
-        return min(self.max_batch, -(-rows // self.batch_multiple) * self.batch_multiple)
+        return padded_rows(rows, self.max_batch, self.batch_multiple)
 
     def call_sizes(self) -> list[int]:
-        """Every row count a UNet call runs with ``fixed_batch``, smallest first: ``max_batch``
-        alone, or the multiples of ``batch_multiple`` below it and then ``max_batch``. Each is one
-        compiled shape and one CUDA graph; a service makes them all at start-up."""
+        """Every row count a UNet call runs with ``fixed_batch`` (:func:`call_sizes`; none
+        without it). Each is one compiled shape and one CUDA graph; a service makes them all at
+        start-up."""
         if not (self.fixed_batch and self.max_batch):
             return []
-        return sorted({self.padded_rows(rows) for rows in range(1, self.max_batch + 1)})
+        return call_sizes(self.max_batch, self.batch_multiple)
 
     def warm_up_call_sizes(self, tokens: int) -> None:
         """Make one UNet call of each of :meth:`call_sizes`, from zeros shaped and typed as

@@ -25,6 +25,7 @@ from services.common.security import TOKEN_ENV
 logger = logging.getLogger(__name__)
 
 READY = re.compile(r"^serving (\w+) on (\S+)$")
+STARTUP_TIMEOUT_S = 900.0  # a service's load and warm-up (and compiling one shape)
 
 
 class LocalServiceError(RuntimeError):
@@ -44,6 +45,17 @@ class LocalServiceSpec:
     compile: bool = False  # UNet services: torch.compile the UNet
     fixed_batch: bool = False  # UNet services: every UNet call has max_batch rows
     batch_multiple: int = 0  # UNet services, with fixed_batch: pad to multiples of this
+
+    @property
+    def compiled_shapes(self) -> int:
+        """Row counts this UNet service compiles before it reports ready (``--compile
+        --fixed-batch``, each a minute or more for the full-size models); 0 when it compiles
+        nothing at start-up."""
+        if self.kind == "encoder" or not (self.compile and self.fixed_batch and self.max_batch):
+            return 0
+        from illusions.models import call_sizes
+
+        return len(call_sizes(self.max_batch, self.batch_multiple))
 
     def command(self) -> list[str]:
         cmd = [
@@ -98,9 +110,12 @@ class LocalServices:
     list of addresses, which the client balances over with gRPC's ``round_robin``.
     """
 
-    def __init__(self, specs: list[LocalServiceSpec], startup_timeout: float = 900.0) -> None:
+    def __init__(self, specs: list[LocalServiceSpec], startup_timeout: float | None = None
+                 ) -> None:
         self.specs = specs
-        self.startup_timeout = startup_timeout
+        # By default STARTUP_TIMEOUT_S, once more for each further shape a service compiles.
+        self.startup_timeout = startup_timeout or STARTUP_TIMEOUT_S * max(
+            [1] + [spec.compiled_shapes for spec in specs])
         self.children: list[_Child] = []
         self._logdir = tempfile.TemporaryDirectory(prefix="illusion-services-")
 
@@ -123,11 +138,16 @@ class LocalServices:
         for child in self.children:
             child.ready.wait(max(0.0, deadline - time.monotonic()))
             if child.address is None:
+                still_starting = child.process.poll() is None  # (before stop() ends it)
                 self.stop()
-                if child.process.poll() is None:
+                if still_starting:
+                    shapes = child.spec.compiled_shapes
                     raise LocalServiceError(
                         f"local {child.spec.kind} did not start within "
                         f"{self.startup_timeout:.0f} s"
+                        + (f"; it compiles its UNet for {shapes} row count(s) at start-up: a "
+                           "larger --batch-multiple means fewer, no --compile none"
+                           if shapes else "")
                     )
                 raise LocalServiceError(
                     f"local {child.spec.kind} service failed to start: {child.last_error()}"
