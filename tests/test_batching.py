@@ -318,12 +318,14 @@ def test_fixed_batch_service_compiles_its_one_shape_at_start_up(monkeypatch, pro
         torch._dynamo.reset()
 
 
-def test_batch_multiple_service_compiles_each_call_size_at_start_up(monkeypatch, prompts):
+@pytest.mark.parametrize("stage_number", [1, 2])
+def test_batch_multiple_service_compiles_each_call_size_at_start_up(monkeypatch, prompts,
+                                                                    stage_number):
     """serve --compile --fixed-batch --max-batch 4 --batch-multiple 2: start-up compiles both
-    call sizes (2 and 4 rows), with the inputs sampling gives them, so requests of 2, 4 and 6
-    rows compile nothing more; and a service of more call sizes than dynamo's recompile limit
-    raises the limit, so no size falls back to eager."""
-    from conftest import STAGE1_DIR
+    call sizes (2 and 4 rows), with the inputs sampling gives them (stage 2: its noise-level
+    class labels too), so requests of 2, 4 and 6 rows compile nothing more; and a service of more
+    call sizes than dynamo's recompile limit raises the limit, so no size falls back to eager."""
+    from conftest import STAGE1_DIR, STAGE2_DIR
 
     from illusions.models import UNetStage
     from services.common.server import ServerConfig
@@ -342,16 +344,22 @@ def test_batch_multiple_service_compiles_each_call_size_at_start_up(monkeypatch,
     try:
         # dynamo's own patching (monkeypatch's undo loses the setting from dynamo's config module).
         with torch._dynamo.config.patch(recompile_limit=8):
-            config = ServerConfig(service="stage1", model=str(STAGE1_DIR), compile=True,
-                                  fixed_batch=True, max_batch=4, batch_multiple=2)
-            stage = load_stage(config, 1)
+            model = STAGE1_DIR if stage_number == 1 else STAGE2_DIR
+            config = ServerConfig(service=f"stage{stage_number}", model=str(model),
+                                  compile=True, fixed_batch=True, max_batch=4, batch_multiple=2)
+            stage = load_stage(config, stage_number)
             assert sorted(traced) == [2, 4]
             two, three, negative = prompts
             params = SamplingParams(num_inference_steps=2, guidance_scale=3.0)
+            image = torch.zeros(1, 3, 16, 16)
             for embeds, names in ((two[:1], ["identity"]), (two, ["identity", "flip"]),
                                   (three, ["identity", "flip", "rotate_cw"])):
-                run_job(stage, stage_1_job(stage, embeds, negative, build_views(names),
-                                           new_generator(0), params))
+                views = build_views(names)
+                job = (stage_1_job(stage, embeds, negative, views, new_generator(0), params)
+                       if stage_number == 1 else
+                       stage_2_job(stage, image, embeds, negative, views, new_generator(0),
+                                   params))
+                run_job(stage, job)
             assert sorted(traced) == [2, 4]
             stage.max_batch, stage.batch_multiple = 20, 2  # 10 sizes
             stage.compile()
