@@ -288,6 +288,12 @@ def main() -> None:
 
     if args.fixed_batch and args.stage1_max_batch < 1:
         parser.error("--fixed-batch needs --stage1-max-batch N (e.g. 2 x views x samples)")
+    if any(args.batch_multiple) and not args.fixed_batch:
+        parser.error("--batch-multiple sets how far --fixed-batch pads a call: add --fixed-batch")
+    if args.skip_one_gpu and (args.share_gpu0 or not args.replicas):
+        parser.error("--skip-one-gpu leaves cuda:0 to stage 1 in replica runs: not with "
+                     "--share-gpu0, and give --replicas")
+    args.replica_batch = list(dict.fromkeys(args.replica_batch))  # each value once
     env = environment()
     peak = args.peak_tflops or dense_fp16_peak_tflops(env["gpu"] or "")
     if peak is None:
@@ -295,6 +301,9 @@ def main() -> None:
     gpus = torch.cuda.device_count()
     first = 0 if args.share_gpu0 else 1  # the first stage-2 replica's GPU
     replicas = sorted(k for k in set(args.replicas) if 1 <= k <= gpus - first)
+    if args.skip_one_gpu and not replicas:
+        raise SystemExit(f"--skip-one-gpu: none of --replicas {args.replicas} fits on {gpus} "
+                         "GPU(s) beside stage 1's")
     report: dict[str, Any] = {"environment": env, "settings": vars(args) | {"out": str(args.out)},
                               "dense_fp16_peak_tflops": peak,
                               "matmul_fp16_tflops": matmul_tflops()}
@@ -332,7 +341,7 @@ def main() -> None:
                  unet_spec("stage1", s1_dir, "cuda:0", args.stage1_max_batch)]
         last = first + max(replicas, default=0) - 1  # GPU of the last replica
         stage2_devices = [f"cuda:{g}" for g in range(max(last, 0) + 1)
-                          if g or not (args.skip_one_gpu and replicas and first)]
+                          if g or not args.skip_one_gpu]
         specs += [unet_spec("stage2", s2_dir, d, args.stage2_max_batch) for d in stage2_devices]
         local = LocalServices(specs)
         with local as addresses:

@@ -431,9 +431,10 @@ class UNetStage:
             apply_inductor_rewrites(self.unet)
         # dynamic=False compiles each row count on its own; dynamo's limit of shapes per
         # function (8 by default) would otherwise send the further call sizes back to eager.
-        shapes = len(self.call_sizes())
-        if shapes > torch._dynamo.config.recompile_limit:
-            torch._dynamo.config.recompile_limit = shapes
+        # Keep the default's room for other variants beside them.
+        limit = len(self.call_sizes()) + 7
+        if limit > torch._dynamo.config.recompile_limit:
+            torch._dynamo.config.recompile_limit = limit
         if backend == "inductor" and mode == "default":
             self.compiled = torch.compile(self.unet, backend=backend, dynamic=False,
                                           options={"deterministic": True})

@@ -151,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-multiple", type=int, nargs="+", default=[0], metavar="N",
                      help="local mode, with --fixed-batch: pad each UNet call only to the next "
                           "multiple of N rows (one number for both stages, or two), so a call "
-                          "that is not full costs less; each row count up to --max-batch is "
-                          "one more shape to compile and capture at start-up. E.g. 8 4 for "
-                          "2 views (one sample's rows in stage 2). 0: pad to --max-batch")
+                          "that is not full costs less; each multiple below --max-batch is one "
+                          "more shape to compile and capture at start-up (--max-batch 16, N 8: "
+                          "8 and 16). E.g. 0 4 for 2 views (one sample's rows in stage 2). 0: "
+                          "pad to --max-batch")
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
     gen.add_argument("--retry-timeout", type=float, default=120.0, metavar="S",
@@ -296,7 +297,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.fixed_batch and args.max_batch < 1:
         raise InvalidInputError("--fixed-batch pads every UNet call to --max-batch rows: give "
                                 "--max-batch N too (e.g. 16)")
-    _check_batch_multiple([args.batch_multiple], args.fixed_batch)
+    _check_batch_multiple([args.batch_multiple], args.fixed_batch, per_stage=False)
     configure_logging()
     # Before CUDA starts: segments that grow in place keep the CUDA graphs' memory pools compact
     # (docs/benchmarks.md: the int8 IF-I-XL process 8.3 -> 6.3 GiB). A setting of the user's wins.
@@ -341,12 +342,15 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_batch_multiple(values: list[int], fixed_batch: bool) -> None:
-    """--batch-multiple: one or two numbers (local mode), none negative, and only with padding."""
+def _check_batch_multiple(values: list[int], fixed_batch: bool, per_stage: bool = True) -> None:
+    """--batch-multiple: one or two numbers (local mode; serve: one), none negative, and only
+    with padding."""
     given = " ".join(map(str, values))
     if len(values) > 2 or min(values) < 0:
-        raise InvalidInputError(f"--batch-multiple {given}: give one number for both stages or "
-                                "two (stage 1, stage 2), each 0 (pad to --max-batch) or more")
+        what = ("one number for both stages or two (stage 1, stage 2), each" if per_stage
+                else "one number,")
+        raise InvalidInputError(f"--batch-multiple {given}: give {what} 0 (pad to --max-batch) "
+                                "or more")
     if any(values) and not fixed_batch:
         raise InvalidInputError(f"--batch-multiple {given} sets how far --fixed-batch pads a "
                                 "UNet call: add --fixed-batch (and --max-batch N)")
@@ -435,9 +439,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "--stage2-devices starts local replicas; with remote services list their "
                 "addresses in --stage2 instead"
             )
-        for flag in ("compile", "fixed_batch", "batch_multiple"):
-            if getattr(args, flag) not in (False, [0]):
-                name = "--" + flag.replace("_", "-")
+        for name, given in (("--compile", args.compile), ("--fixed-batch", args.fixed_batch),
+                            ("--batch-multiple", any(args.batch_multiple))):
+            if given:
                 raise InvalidInputError(
                     f"{name} applies to local mode; start remote stage services with "
                     f"`illusion serve ... {name}` instead"

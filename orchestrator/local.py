@@ -114,17 +114,18 @@ class LocalServices:
                  ) -> None:
         self.specs = specs
         # By default STARTUP_TIMEOUT_S, once more for each further shape a service compiles.
-        self.startup_timeout = startup_timeout or STARTUP_TIMEOUT_S * max(
-            [1] + [spec.compiled_shapes for spec in specs])
+        self.startup_timeout = (STARTUP_TIMEOUT_S * max([1] + [s.compiled_shapes for s in specs])
+                                if startup_timeout is None else startup_timeout)
         self.children: list[_Child] = []
-        self._logdir = tempfile.TemporaryDirectory(prefix="illusion-services-")
+        self._logdir: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.pop(TOKEN_ENV, None)  # local services talk plaintext on loopback, without a token
-        for spec in self.specs:
-            log = Path(self._logdir.name) / f"{spec.kind}.log"
+        self._logdir = self._logdir or tempfile.TemporaryDirectory(prefix="illusion-services-")
+        for number, spec in enumerate(self.specs):  # one log each (replicas share a kind)
+            log = Path(self._logdir.name) / f"{number}-{spec.kind}.log"
             process = subprocess.Popen(
                 spec.command(), stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
                 env=env, start_new_session=True,
@@ -136,11 +137,16 @@ class LocalServices:
 
         deadline = time.monotonic() + self.startup_timeout
         for child in self.children:
-            child.ready.wait(max(0.0, deadline - time.monotonic()))
+            # Set by the ready line, or when the child's output closes (it exited).
+            timed_out = not child.ready.wait(max(0.0, deadline - time.monotonic()))
             if child.address is None:
-                still_starting = child.process.poll() is None  # (before stop() ends it)
+                if not timed_out:
+                    try:  # its log is complete once it has exited
+                        child.process.wait(5)
+                    except subprocess.TimeoutExpired:
+                        pass
                 self.stop()
-                if still_starting:
+                if timed_out:
                     shapes = child.spec.compiled_shapes
                     raise LocalServiceError(
                         f"local {child.spec.kind} did not start within "
@@ -175,4 +181,6 @@ class LocalServices:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        self._logdir.cleanup()
+        if self._logdir is not None:
+            self._logdir.cleanup()
+            self._logdir = None

@@ -319,6 +319,9 @@ def test_option_combinations_that_cannot_work_are_refused_before_anything_starts
     assert "illusion serve ... --batch-multiple" in capsys.readouterr().err
     assert main(["serve", "stage2", "--max-batch", "16", "--batch-multiple", "4"]) == 2
     assert "add --fixed-batch" in capsys.readouterr().err
+    assert main(["serve", "stage2", "--fixed-batch", "--max-batch", "16", "--batch-multiple",
+                 "-4"]) == 2
+    assert "--batch-multiple -4: give one number, 0 (pad to --max-batch)" in capsys.readouterr().err
 
 
 def test_local_mode_services_for_fixed_batch_and_compile():

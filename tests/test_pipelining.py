@@ -201,7 +201,8 @@ def test_local_mode_starts_stage_services_for_the_batch():
 def test_local_services_wait_longer_for_each_shape_compiled_and_say_why(monkeypatch):
     """Local mode waits STARTUP_TIMEOUT_S for the services, once more for each further row count
     a service compiles at start-up; a service still starting when time runs out is stopped, and
-    the error says it did not start in time (and why it may take long), not that it failed."""
+    the error says it did not start in time (and why it may take long), not that it failed; one
+    that exits says why it failed."""
     import sys
 
     from orchestrator.local import STARTUP_TIMEOUT_S, LocalServiceError, LocalServices, LocalServiceSpec
@@ -224,3 +225,10 @@ def test_local_services_wait_longer_for_each_shape_compiled_and_say_why(monkeypa
         slow.start()
     assert time.monotonic() - started < 30  # stopped, not waited for
     assert not slow.children
+
+    # One that exits at once fails with its own error line, however long it was given.
+    failing = "import sys; print('error: no model at m: give --model', file=sys.stderr); sys.exit(1)"
+    monkeypatch.setattr(LocalServiceSpec, "command", lambda self: [sys.executable, "-c", failing])
+    with pytest.raises(LocalServiceError, match="local stage2 service failed to start: no model "
+                                                "at m: give --model"):
+        LocalServices(specs[2:]).start()
