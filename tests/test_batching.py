@@ -281,50 +281,16 @@ def test_concurrent_requests_to_a_stage_service_share_calls_and_match_alone():
         assert torch.equal(state, result[1])
 
 
-def test_fixed_batch_service_compiles_its_one_shape_at_start_up(monkeypatch, prompts):
-    """serve --compile --fixed-batch --max-batch 4: the UNet is compiled during load_stage's
-    warm-up, and requests of other row counts (2, 4, 6 rows) compile nothing more. (A backend
-    that records what dynamo hands it stands in for inductor, which would take minutes here.)"""
-    from conftest import STAGE1_DIR
-
-    from illusions.models import UNetStage
-    from services.common.server import ServerConfig
-    from services.common.stage import load_stage
-
-    traced: list[int] = []
-
-    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        traced.append(len(example_inputs))
-        return gm.forward
-
-    compile_with = UNetStage.compile
-    monkeypatch.setattr(UNetStage, "compile",
-                        lambda self, **kw: compile_with(self, backend=recording_backend))
-    torch._dynamo.reset()
-    try:
-        config = ServerConfig(service="stage1", model=str(STAGE1_DIR), compile=True,
-                              fixed_batch=True, max_batch=4)
-        stage = load_stage(config, 1)
-        assert traced, "nothing was compiled at start-up"
-        at_start = len(traced)
-        two, three, negative = prompts
-        params = SamplingParams(num_inference_steps=2, guidance_scale=3.0)
-        for embeds, names in ((two[:1], ["identity"]), (two, ["identity", "flip"]),
-                              (three, ["identity", "flip", "rotate_cw"])):
-            run_job(stage, stage_1_job(stage, embeds, negative, build_views(names),
-                                       new_generator(0), params))
-        assert len(traced) == at_start
-    finally:
-        torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("stage_number", [1, 2])
-def test_batch_multiple_service_compiles_each_call_size_at_start_up(monkeypatch, prompts,
-                                                                    stage_number):
-    """serve --compile --fixed-batch --max-batch 4 --batch-multiple 2: start-up compiles both
-    call sizes (2 and 4 rows), with the inputs sampling gives them (stage 2: its noise-level
-    class labels too), so requests of 2, 4 and 6 rows compile nothing more; and a service of more
-    call sizes than dynamo's recompile limit raises the limit, so no size falls back to eager."""
+@pytest.mark.parametrize(("stage_number", "multiple", "sizes"),
+                         [(1, 0, [4]), (1, 2, [2, 4]), (2, 2, [2, 4])])
+def test_fixed_batch_service_compiles_its_call_sizes_at_start_up(monkeypatch, prompts,
+                                                                 stage_number, multiple, sizes):
+    """serve --compile --fixed-batch --max-batch 4 compiles its one shape (4 rows) during
+    load_stage's warm-up, and with --batch-multiple 2 both call sizes (2 and 4 rows), with the
+    inputs sampling gives them (stage 2: its noise-level class labels too); requests of 2, 4 and
+    6 rows then compile nothing more. A service of more call sizes than dynamo's recompile limit
+    raises the limit, so no size falls back to eager. (A backend that records what dynamo hands
+    it stands in for inductor, which would take minutes here.)"""
     from conftest import STAGE1_DIR, STAGE2_DIR
 
     from illusions.models import UNetStage
@@ -346,9 +312,10 @@ def test_batch_multiple_service_compiles_each_call_size_at_start_up(monkeypatch,
         with torch._dynamo.config.patch(recompile_limit=8):
             model = STAGE1_DIR if stage_number == 1 else STAGE2_DIR
             config = ServerConfig(service=f"stage{stage_number}", model=str(model),
-                                  compile=True, fixed_batch=True, max_batch=4, batch_multiple=2)
+                                  compile=True, fixed_batch=True, max_batch=4,
+                                  batch_multiple=multiple)
             stage = load_stage(config, stage_number)
-            assert sorted(traced) == [2, 4]
+            assert sorted(traced) == sizes
             two, three, negative = prompts
             params = SamplingParams(num_inference_steps=2, guidance_scale=3.0)
             image = torch.zeros(1, 3, 16, 16)
@@ -360,7 +327,7 @@ def test_batch_multiple_service_compiles_each_call_size_at_start_up(monkeypatch,
                        stage_2_job(stage, image, embeds, negative, views, new_generator(0),
                                    params))
                 run_job(stage, job)
-            assert sorted(traced) == [2, 4]
+            assert sorted(traced) == sizes
             stage.max_batch, stage.batch_multiple = 20, 2  # 10 sizes, and 7 more variants
             stage.compile()
             assert torch._dynamo.config.recompile_limit == 17
