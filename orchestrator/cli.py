@@ -140,21 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local mode: one stage-2 replica per device, e.g. cuda:1 cuda:2 "
                           "(default: one on --device); samples are spread over them")
     gen.add_argument("--compile", action="store_true",
-                     help="local mode: the stage services torch.compile their UNets (about 1.5 "
-                          "min per stage before the first sample, then up to ~2x faster UNet "
-                          "calls on a GPU; pays off over many samples)")
+                     help="local mode: the stage services torch.compile their UNets at start-up "
+                          "(one to two minutes per stage before the first sample, then up to "
+                          "~2x faster UNet calls on a GPU; pays off over many samples)")
     gen.add_argument("--fixed-batch", action="store_true",
                      help="local mode: every UNet call of each stage service runs one row count "
                           "(its --max-batch, or 2 x views x --batch when that is 0; short calls "
-                          "are padded): one CUDA graph, and with --compile one compiled shape, "
-                          "compiled at start-up")
+                          "are padded): one CUDA graph, captured at start-up")
     gen.add_argument("--batch-multiple", type=int, nargs="+", default=[0], metavar="N",
                      help="local mode, with --fixed-batch: pad each UNet call only to the next "
                           "multiple of N rows (one number for both stages, or two), so a call "
                           "that is not full costs less; each multiple below --max-batch is one "
-                          "more shape to compile and capture at start-up (--max-batch 16, N 8: "
-                          "8 and 16). E.g. 0 4 for 2 views (one sample's rows in stage 2). 0: "
-                          "pad to --max-batch")
+                          "more CUDA graph to capture at start-up (--max-batch 16, N 8: 8 and "
+                          "16). E.g. 0 4 for 2 views (one sample's rows in stage 2). 0: pad to "
+                          "--max-batch")
     gen.add_argument("--timeout", type=float, default=3600.0,
                      help="deadline of each service call in seconds (default 3600)")
     gen.add_argument("--retry-timeout", type=float, default=120.0, metavar="S",
@@ -185,21 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-cuda-graphs", action="store_true",
                      help="run UNet calls eagerly instead of replaying CUDA graphs (GPU only)")
     srv.add_argument("--compile", action="store_true",
-                     help="torch.compile the UNet: faster calls (fused kernels), at minutes of "
-                          "compiling on the first call of each row count; fp16 rounding "
-                          "differs slightly from the default kernels")
+                     help="torch.compile the UNet: faster calls (fused kernels), after one to "
+                          "two minutes of compiling at start-up (once, for every row count); "
+                          "fp16 rounding differs slightly from the default kernels")
     srv.add_argument("--max-batch", type=int, default=0, metavar="N",
                      help="most rows per UNet call (2 per view); smaller bounds GPU memory. "
                           "0: all at once")
     srv.add_argument("--fixed-batch", action="store_true",
                      help="every UNet call runs exactly --max-batch rows, short ones padded: one "
-                          "CUDA graph and one compiled shape for any mix of requests (with "
-                          "--max-concurrent and --compile)")
+                          "CUDA graph for any mix of requests (with --max-concurrent)")
     srv.add_argument("--batch-multiple", type=int, default=0, metavar="N",
                      help="with --fixed-batch: pad each call only to the next multiple of N rows "
                           "(capped at --max-batch): a call that is not full costs less, at one "
-                          "compiled shape and CUDA graph per row count, all made at start-up. "
-                          "0: pad to --max-batch")
+                          "CUDA graph per row count, all captured at start-up. 0: pad to "
+                          "--max-batch")
     srv.add_argument("--max-concurrent", type=int, default=1, metavar="N",
                      help="requests sampled at once; a stage service runs them through shared "
                           "UNet calls, step by step (more throughput, more GPU memory unless "

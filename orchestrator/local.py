@@ -25,7 +25,7 @@ from services.common.security import TOKEN_ENV
 logger = logging.getLogger(__name__)
 
 READY = re.compile(r"^serving (\w+) on (\S+)$")
-STARTUP_TIMEOUT_S = 900.0  # a service's load and warm-up (and compiling one shape)
+STARTUP_TIMEOUT_S = 900.0  # a service's load and warm-up (compiling its UNet, with --compile)
 
 
 class LocalServiceError(RuntimeError):
@@ -45,17 +45,6 @@ class LocalServiceSpec:
     compile: bool = False  # UNet services: torch.compile the UNet
     fixed_batch: bool = False  # UNet services: every UNet call has max_batch rows
     batch_multiple: int = 0  # UNet services, with fixed_batch: pad to multiples of this
-
-    @property
-    def compiled_shapes(self) -> int:
-        """Row counts this UNet service compiles before it reports ready (``--compile
-        --fixed-batch``, each a minute or more for the full-size models); 0 when it compiles
-        nothing at start-up."""
-        if self.kind == "encoder" or not (self.compile and self.fixed_batch and self.max_batch):
-            return 0
-        from illusions.models import call_sizes
-
-        return len(call_sizes(self.max_batch, self.batch_multiple))
 
     def command(self) -> list[str]:
         cmd = [
@@ -113,9 +102,7 @@ class LocalServices:
     def __init__(self, specs: list[LocalServiceSpec], startup_timeout: float | None = None
                  ) -> None:
         self.specs = specs
-        # By default STARTUP_TIMEOUT_S, once more for each further shape a service compiles.
-        self.startup_timeout = (STARTUP_TIMEOUT_S * max([1] + [s.compiled_shapes for s in specs])
-                                if startup_timeout is None else startup_timeout)
+        self.startup_timeout = STARTUP_TIMEOUT_S if startup_timeout is None else startup_timeout
         self.children: list[_Child] = []
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -147,13 +134,12 @@ class LocalServices:
                         pass
                 self.stop()
                 if timed_out:
-                    shapes = child.spec.compiled_shapes
+                    compiles = child.spec.compile and child.spec.kind != "encoder"
                     raise LocalServiceError(
                         f"local {child.spec.kind} did not start within "
                         f"{self.startup_timeout:.0f} s"
-                        + (f"; it compiles its UNet for {shapes} row count(s) at start-up: a "
-                           "larger --batch-multiple means fewer, no --compile none"
-                           if shapes else "")
+                        + ("; it compiles its UNet at start-up, which takes longer on a host of "
+                           "few CPU cores: run without --compile" if compiles else "")
                     )
                 raise LocalServiceError(
                     f"local {child.spec.kind} service failed to start: {child.last_error()}"

@@ -281,55 +281,67 @@ def test_concurrent_requests_to_a_stage_service_share_calls_and_match_alone():
         assert torch.equal(state, result[1])
 
 
-@pytest.mark.parametrize(("stage_number", "multiple", "sizes"),
-                         [(1, 0, [4]), (1, 2, [2, 4]), (2, 2, [2, 4])])
-def test_fixed_batch_service_compiles_its_call_sizes_at_start_up(monkeypatch, prompts,
-                                                                 stage_number, multiple, sizes):
-    """serve --compile --fixed-batch --max-batch 4 compiles its one shape (4 rows) during
-    load_stage's warm-up, and with --batch-multiple 2 both call sizes (2 and 4 rows), with the
-    inputs sampling gives them (stage 2: its noise-level class labels too); requests of 2, 4 and
-    6 rows then compile nothing more. A service of more call sizes than dynamo's recompile limit
-    raises the limit, so no size falls back to eager. (A backend that records what dynamo hands
-    it stands in for inductor, which would take minutes here.)"""
+@pytest.mark.parametrize(("stage_number", "fixed", "multiple", "first"),
+                         [(1, True, 0, 4), (1, True, 2, 2), (2, True, 2, 2), (1, False, 0, 2)])
+def test_compiled_service_compiles_once_at_start_up(monkeypatch, prompts, stage_number, fixed,
+                                                    multiple, first):
+    """serve --compile compiles its UNet once, during load_stage's warm-up, with the rows a
+    symbol: with --fixed-batch --max-batch 4 its first call is of 4 rows, with --batch-multiple 2
+    of 2 (then 4 rows only capture), without --fixed-batch the warm-up's 2 rows. Requests of 2, 4
+    and 6 rows, alone and sharing calls, then compile nothing more: the warm-up's inputs have the
+    dtypes and shapes sampling gives (stage 2: its noise-level class labels too), and a timestep
+    a row as shared calls have. Each row count compiled on its own (``dynamic_batch=False``)
+    raises dynamo's recompile limit when there are more sizes than it allows. (A backend that
+    records what dynamo hands it stands in for inductor, which would take minutes here.)"""
     from conftest import STAGE1_DIR, STAGE2_DIR
 
     from illusions.models import UNetStage
+    from illusions.sampling import run_batched
     from services.common.server import ServerConfig
     from services.common.stage import load_stage
 
-    traced: list[int] = []
+    traced: list[tuple[int, bool]] = []  # each graph's first rows, and whether they are a symbol
 
     def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        traced.append(next(x.shape[0] for x in example_inputs if x.ndim == 4))
+        values = [node.meta.get("example_value") for node in gm.graph.find_nodes(op="placeholder")]
+        rows = next(v.shape[0] for v in values if torch.is_tensor(v) and v.ndim == 4)
+        traced.append((next(x.shape[0] for x in example_inputs if torch.is_tensor(x) and x.ndim == 4),
+                       isinstance(rows, torch.SymInt)))
         return gm.forward
 
     compile_with = UNetStage.compile
     monkeypatch.setattr(UNetStage, "compile",
-                        lambda self, **kw: compile_with(self, backend=recording_backend))
+                        lambda self, **kw: compile_with(self, **kw, backend=recording_backend))
     torch._dynamo.reset()
     try:
         # dynamo's own patching (monkeypatch's undo loses the setting from dynamo's config module).
         with torch._dynamo.config.patch(recompile_limit=8):
             model = STAGE1_DIR if stage_number == 1 else STAGE2_DIR
             config = ServerConfig(service=f"stage{stage_number}", model=str(model),
-                                  compile=True, fixed_batch=True, max_batch=4,
+                                  compile=True, fixed_batch=fixed, max_batch=4 * fixed,
                                   batch_multiple=multiple)
             stage = load_stage(config, stage_number)
-            assert sorted(traced) == sizes
+            assert traced == [(first, True)]
             two, three, negative = prompts
             params = SamplingParams(num_inference_steps=2, guidance_scale=3.0)
             image = torch.zeros(1, 3, 16, 16)
+
+            def job(embeds: torch.Tensor, names: list[str], seed: int = 0) -> object:
+                views = build_views(names)
+                return (stage_1_job(stage, embeds, negative, views, new_generator(seed), params)
+                        if stage_number == 1 else
+                        stage_2_job(stage, image, embeds, negative, views, new_generator(seed),
+                                    params))
+
             for embeds, names in ((two[:1], ["identity"]), (two, ["identity", "flip"]),
                                   (three, ["identity", "flip", "rotate_cw"])):
-                views = build_views(names)
-                job = (stage_1_job(stage, embeds, negative, views, new_generator(0), params)
-                       if stage_number == 1 else
-                       stage_2_job(stage, image, embeds, negative, views, new_generator(0),
-                                   params))
-                run_job(stage, job)
-            assert sorted(traced) == sizes
-            stage.max_batch, stage.batch_multiple = 20, 2  # 10 sizes, and 7 more variants
+                run_job(stage, job(embeds, names))
+            run_batched(stage, [job(two, ["identity", "flip"], seed) for seed in (1, 2)])
+            assert traced == [(first, True)]
+            stage.max_batch, stage.fixed_batch, stage.batch_multiple = 20, True, 2  # 10 sizes
             stage.compile()
+            assert torch._dynamo.config.recompile_limit == 8
+            stage.compile(dynamic_batch=False)
             assert torch._dynamo.config.recompile_limit == 17
         assert torch._dynamo.config.recompile_limit == 8
     finally:

@@ -188,15 +188,17 @@ def test_random_weights_are_the_same_in_every_process():
 def test_compiled_unet_is_what_sampling_runs(text_encoder):
     """``UNetStage.compile`` routes every UNet call through torch.compile (here with a backend
     that records the graphs dynamo hands it and runs them as traced): the sample is unchanged
-    (bit for bit without the inductor rewrites, within float rounding with them), and a new row
-    count is traced anew."""
+    (bit for bit without the inductor rewrites, within float rounding with them). The rows are a
+    symbol of the one graph, so another row count is not traced again; with
+    ``dynamic_batch=False`` each row count is traced on its own, with its rows fixed."""
     from illusions.sampling import SamplingParams, new_generator, sample_stage_1
     from illusions.views import build_views
 
-    traced: list[int] = []
+    traced: list[object] = []  # the rows of each traced graph's sample: an int, or a symbol
 
     def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        traced.append(len(gm.graph.nodes))
+        values = [node.meta.get("example_value") for node in gm.graph.find_nodes(op="placeholder")]
+        traced.append(next(v.shape[0] for v in values if torch.is_tensor(v) and v.ndim == 4))
         return gm.forward
 
     stage = load_unet_stage(str(STAGE1_DIR), 1)
@@ -213,9 +215,15 @@ def test_compiled_unet_is_what_sampling_runs(text_encoder):
     stage.compile(backend=recording_backend)  # rewrites on, as `serve --compile` runs
     rewritten = sample_stage_1(stage, prompt, negative, views, new_generator(0), params)
     assert torch.allclose(rewritten, eager, rtol=0, atol=1e-4)
-    before = len(traced)
+    assert len(traced) == 2 and all(isinstance(rows, torch.SymInt) for rows in traced)
+    sample_stage_1(stage, prompt[:1], negative, views[:1], new_generator(0), params)  # 2 rows
+    assert len(traced) == 2
+    torch._dynamo.reset()
+    del traced[:]
+    stage.compile(backend=recording_backend, dynamic_batch=False)
+    sample_stage_1(stage, prompt, negative, views, new_generator(0), params)
     sample_stage_1(stage, prompt[:1], negative, views[:1], new_generator(0), params)
-    assert len(traced) > before  # 2 rows instead of 4: compiled again (dynamic=False)
+    assert traced == [4, 2]
     torch._dynamo.reset()
 
 

@@ -97,11 +97,12 @@ def load_stage(config: ServerConfig, stage_number: int) -> UNetStage:
     stage.max_batch = config.max_batch
     stage.fixed_batch = config.fixed_batch
     stage.batch_multiple = config.batch_multiple
-    # With fixed row counts the shapes are known: compile before the warm-up, which compiles
-    # them, so the service is fully warm when it reports SERVING.
-    compile_first = config.compile and config.fixed_batch and config.max_batch > 0
-    if compile_first:
+    # Compile before the warm-up, whose first UNet call compiles for every row count (the rows
+    # are a symbol of the compiled code), so the service is warm when it reports SERVING.
+    if config.compile:
         stage.compile()
+        logger.info("stage %d compiles its UNet in its warm-up (one to two minutes for the "
+                    "full-size models)", stage_number)
     if config.cuda_graphs and stage.enable_cuda_graphs():
         logger.info("stage %d replays its UNet calls from CUDA graphs", stage_number)
     dim = int(stage.unet.config.encoder_hid_dim or stage.unet.config.cross_attention_dim)
@@ -116,15 +117,10 @@ def load_stage(config: ServerConfig, stage_number: int) -> UNetStage:
         sample_stage_2(stage, image, zeros, zeros, views, generator, params)
     if stage.fixed_batch:
         sizes = stage.call_sizes()
-        logger.info("stage %d warms up its UNet calls of %s rows%s", stage_number,
-                    ", ".join(map(str, sizes)), " (each compiles)" * compile_first)
+        logger.info("stage %d warms up its UNet calls of %s rows", stage_number,
+                    ", ".join(map(str, sizes)))
         stage.warm_up_call_sizes(MAX_LENGTH)
     logger.info("stage %d warmed up", stage_number)
-    if config.compile and not compile_first:
-        # After the warm-up, so that start-up does not compile a row count no request may use.
-        stage.compile()
-        logger.info("stage %d compiles its UNet on the first call of each row count (minutes "
-                    "for full-size models)", stage_number)
     return stage
 
 
