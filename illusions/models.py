@@ -441,12 +441,13 @@ class UNetStage:
 
             apply_inductor_rewrites(self.unet)
         # dynamic=False: nothing but the rows (dynamic_batch) is compiled as a symbol.
-        limit = len(self.call_sizes()) + 7
-        if not dynamic_batch and limit > torch._dynamo.config.recompile_limit:
+        if not dynamic_batch:
             # Each call size compiles on its own; dynamo's limit of shapes per function (8 by
             # default) would send the further sizes back to eager. Keep the default's room for
             # other variants beside them.
-            torch._dynamo.config.recompile_limit = limit
+            limit = len(self.call_sizes()) + 7
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       limit)
         if backend == "inductor" and mode == "default":
             compiled = torch.compile(self.unet, backend=backend, dynamic=False,
                                      options={"deterministic": True})
