@@ -93,27 +93,31 @@ def test_batch_runner_on_a_gpu_other_than_the_current_one(text_encoder):
     torch.testing.assert_close(results["cuda"], results["cpu"], atol=2e-2, rtol=0)
 
 
-def test_compiled_stage_compiles_once_for_every_call_size():
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed-batch", "any-rows"])
+def test_compiled_stage_compiles_once_for_every_call_size(fixed):
     """A stage compiled as ``serve --compile --fixed-batch --max-batch 8 --batch-multiple 2``
     compiles (inductor, Triton kernels) once for its four call sizes, replays each size from its
-    own CUDA graph, and gives the eager UNet's output within fp16 rounding for every size."""
+    own CUDA graph, and gives the eager UNet's output within fp16 rounding for every size; so
+    does a stage without ``--fixed-batch``, for calls of 2 to 8 rows and a timestep given once
+    for all rows (as a sample alone gives it) or one a row (as shared calls do)."""
     from illusions.models import load_unet_stage
 
     stage = load_unet_stage(str(STAGE2_DIR), 2, device="cuda", dtype="float16")
-    stage.max_batch, stage.fixed_batch, stage.batch_multiple = 8, True, 2
+    stage.max_batch, stage.fixed_batch, stage.batch_multiple = 8 * fixed, fixed, 2
     assert stage.enable_cuda_graphs()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     try:
         stage.compile()
-        stage.warm_up_call_sizes(77)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        if fixed:
+            stage.warm_up_call_sizes(77)
         x, t, embeds, labels = (torch.cat([v, v]) for v in _inputs(stage, 0))  # 8 rows
-        for rows in (2, 4, 6, 8):
+        for rows, once in ((2, False), (4, True), (6, False), (8, False), (4, False)):
+            step = t[0] if once else t[:rows]  # one timestep for all rows, or one a row
             with torch.no_grad():
-                want = stage.unet(x[:rows], t[:rows], encoder_hidden_states=embeds[:rows],
+                want = stage.unet(x[:rows], step, encoder_hidden_states=embeds[:rows],
                                   class_labels=labels[:rows], return_dict=False)[0]
-                got = stage.predict(x[:rows], t[:rows], embeds[:rows], labels[:rows])
+                got = stage.predict(x[:rows], step, embeds[:rows], labels[:rows])
             torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
         assert sorted(key[0][0] for key, graph in stage.graphed._graphs.items()
