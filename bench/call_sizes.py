@@ -24,20 +24,9 @@ import torch
 
 from bench.run import CASCADES, CONFIGS, environment
 from bench.throughput import dense_fp16_peak_tflops, unet_flops_per_row
+from bench.unet_call import _time
 from illusions.models import load_unet_stage
 from illusions.text import MAX_LENGTH
-
-
-def _timed(fn: Any, iters: int) -> float:
-    """Milliseconds per call of ``fn``, after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters * 1000
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,7 +65,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         reference = None
         for rows in sizes:
             call = tuple(None if x is None else x[:rows] for x in full)
-            ms = _timed(lambda c=call: stage.predict(*c), args.iters)
+            ms = _time(lambda c=call: stage.predict(*c), args.iters)
             out = stage.predict(*call)[:first]
             reference = out if reference is None else reference
             report["calls"][str(rows)] = {
