@@ -282,7 +282,7 @@ def test_concurrent_requests_to_a_stage_service_share_calls_and_match_alone():
 
 
 @pytest.mark.parametrize(("stage_number", "fixed", "multiple", "first"),
-                         [(1, True, 0, 4), (1, True, 2, 2), (2, True, 2, 2), (1, False, 0, 2)])
+                         [(1, True, 0, 4), (2, True, 2, 2), (1, False, 0, 2)])
 def test_compiled_service_compiles_once_at_start_up(monkeypatch, prompts, stage_number, fixed,
                                                     multiple, first):
     """serve --compile compiles its UNet once, during load_stage's warm-up, with the rows a
