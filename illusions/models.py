@@ -337,8 +337,11 @@ class UNetStage:
         (see :meth:`call_sizes`): a few shapes, and a call costs about what its rows need.
         """
         step = self.max_batch or sample.shape[0]
-        if self.compiled is not None and not (torch.is_tensor(timestep) and timestep.ndim):
-            # One timestep a row, as shared calls give it: one compiled variant for both.
+        padded = self.fixed_batch and self.max_batch
+        if (padded or self.compiled is not None) and not (torch.is_tensor(timestep)
+                                                          and timestep.ndim):
+            # One timestep a row, as shared calls give it: padding needs rows to copy, and a
+            # compiled UNet then has one variant for calls alone and shared.
             timestep = torch.as_tensor(timestep, device=sample.device).expand(sample.shape[0])
             timestep = timestep.contiguous()
         outputs = []
@@ -346,7 +349,7 @@ class UNetStage:
             rows = slice(start, start + step)
             labels = None if class_labels is None else class_labels[rows]
             t = timestep[rows] if torch.is_tensor(timestep) and timestep.ndim else timestep
-            call = self._padded if self.fixed_batch and self.max_batch else self._call
+            call = self._padded if padded else self._call
             outputs.append(call(sample[rows], t, embeds[rows], labels))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
@@ -395,9 +398,7 @@ class UNetStage:
         ``max_batch``)."""
         real = sample.shape[0]
         size = self.padded_rows(real)
-        timestep = torch.as_tensor(timestep, device=sample.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(real)
+        timestep = torch.as_tensor(timestep, device=sample.device)  # one a row (predict)
 
         def pad(x: torch.Tensor) -> torch.Tensor:  # contiguous too: one layout, one compile
             extra = size - real

@@ -99,10 +99,10 @@ class LocalServices:
     list of addresses, which the client balances over with gRPC's ``round_robin``.
     """
 
-    def __init__(self, specs: list[LocalServiceSpec], startup_timeout: float | None = None
-                 ) -> None:
+    def __init__(self, specs: list[LocalServiceSpec],
+                 startup_timeout: float = STARTUP_TIMEOUT_S) -> None:
         self.specs = specs
-        self.startup_timeout = STARTUP_TIMEOUT_S if startup_timeout is None else startup_timeout
+        self.startup_timeout = startup_timeout
         self.children: list[_Child] = []
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
 
