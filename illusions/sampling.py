@@ -15,6 +15,7 @@ and GPU runs draw the same numbers.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
@@ -27,7 +28,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from illusions import scheduling
 from illusions.models import UNetStage
+from illusions.text import MAX_LENGTH
 from illusions.views import View
+
+logger = logging.getLogger(__name__)
 
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "alternate")
 
@@ -142,6 +146,12 @@ def _check_embeds(stage: UNetStage, prompt_embeds: torch.Tensor,
         raise InvalidInputError(
             f"{prompt_embeds.shape[0]} prompts for {len(views)} views: give one prompt per view"
         )
+    if prompt_embeds.shape[1] != MAX_LENGTH:
+        raise InvalidInputError(
+            f"prompt_embeds have {prompt_embeds.shape[1]} tokens a prompt but IF's UNets take "
+            f"{MAX_LENGTH} (T5's output padded to {MAX_LENGTH} tokens): encode the prompts with "
+            "the cascade's text encoder"
+        )
     dim = stage.unet.config.encoder_hid_dim or stage.unet.config.cross_attention_dim
     if prompt_embeds.shape[-1] != dim:
         raise InvalidInputError(
@@ -157,8 +167,21 @@ def _check_embeds(stage: UNetStage, prompt_embeds: torch.Tensor,
         )
     for name, t in (("prompt_embeds", prompt_embeds),
                     ("negative_prompt_embeds", negative_prompt_embeds)):
-        if not torch.isfinite(t).all():
-            raise InvalidInputError(f"{name} contains NaN or infinite values: re-encode the prompts")
+        _check_values(name, t, stage.dtype, "re-encode the prompts")
+
+
+def _check_values(name: str, t: torch.Tensor, dtype: torch.dtype, fix: str) -> None:
+    """``t`` is finite, and stays finite in ``dtype`` (the UNet's)."""
+    if t.numel() == 0:
+        raise InvalidInputError(f"{name} is empty (shape {tuple(t.shape)}): {fix}")
+    if not torch.isfinite(t).all():
+        raise InvalidInputError(f"{name} contains NaN or infinite values: {fix}")
+    largest = t.abs().max().item()
+    if dtype.is_floating_point and largest > torch.finfo(dtype).max:
+        raise InvalidInputError(
+            f"{name} holds {largest:.3g}, beyond what the UNet's {str(dtype).removeprefix('torch.')} "
+            f"can hold ({torch.finfo(dtype).max:.3g}): {fix}"
+        )
 
 
 def _cfg_embeds(stage: UNetStage, prompt_embeds: torch.Tensor,
@@ -185,8 +208,7 @@ def _prepare_reference(ref_image: torch.Tensor | None, views: Sequence[View], si
         raise InvalidInputError(
             f"ref_image has shape {tuple(ref_image.shape)}: expected an RGB image (3, H, W)"
         )
-    if not torch.isfinite(ref_image).all():
-        raise InvalidInputError("ref_image contains NaN or infinite values")
+    _check_values("ref_image", ref_image, like.dtype, "pass an RGB image with values in [-1, 1]")
     ref = ref_image.to(torch.float32)[None]
     if ref.shape[-2:] != (size, size):
         ref = F.interpolate(ref, size=(size, size), mode="bilinear", antialias=True,
@@ -284,12 +306,28 @@ class SharedSteps:
         self._dones.pop(key)(result)
 
     def fail_all(self, error: BaseException) -> None:
-        """End every job with ``error`` (e.g. the shared UNet call itself failed)."""
+        """End every job with ``error``."""
         for key in list(self._jobs):
-            self._jobs.pop(key).close()
-            self._pending.pop(key, None)
-            self._done_rows.pop(key, None)
-            self._dones.pop(key)(error)
+            self._fail(key, error)
+
+    def _fail(self, key: int, error: BaseException) -> None:
+        self._jobs.pop(key).close()
+        self._pending.pop(key, None)
+        self._done_rows.pop(key, None)
+        self._dones.pop(key)(error)
+
+    def _predict(self, parts: list[tuple[int, UNetCall, slice]]) -> Sequence[torch.Tensor]:
+        """The UNet's output for ``parts``' rows in one call, split back into the parts."""
+        if len(parts) == 1 and parts[0][2] == slice(0, parts[0][1].rows):
+            c = parts[0][1]  # one whole call alone: exactly the call run_job makes
+            return [self.stage.predict(c.sample, c.timestep, c.embeds, c.class_labels)]
+        sample = torch.cat([c.sample[r] for _, c, r in parts])
+        timestep = torch.cat([c.timestep.reshape(-1).expand(c.rows)[r] for _, c, r in parts])
+        embeds = torch.cat([c.embeds[r] for _, c, r in parts])
+        labels = (None if parts[0][1].class_labels is None
+                  else torch.cat([c.class_labels[r] for _, c, r in parts]))
+        return self.stage.predict(sample, timestep, embeds, labels).split(
+            [r.stop - r.start for _, _, r in parts])
 
     def step(self) -> None:
         """One UNet call for the rows that have waited longest, and every job whose call is then
@@ -307,18 +345,24 @@ class SharedSteps:
                 break
         self.unet_calls += 1
         with torch.no_grad():
-            if len(parts) == 1 and parts[0][2] == slice(0, parts[0][1].rows):
-                c = parts[0][1]  # one whole call alone: exactly the call run_job makes
-                outs = [self.stage.predict(c.sample, c.timestep, c.embeds, c.class_labels)]
-            else:
-                sample = torch.cat([c.sample[r] for _, c, r in parts])
-                timestep = torch.cat([c.timestep.reshape(-1).expand(c.rows)[r]
-                                      for _, c, r in parts])
-                embeds = torch.cat([c.embeds[r] for _, c, r in parts])
-                labels = (None if parts[0][1].class_labels is None
-                          else torch.cat([c.class_labels[r] for _, c, r in parts]))
-                outs = self.stage.predict(sample, timestep, embeds, labels).split(
-                    [r.stop - r.start for _, _, r in parts])
+            try:
+                outs = self._predict(parts)
+            except Exception as exc:  # noqa: BLE001 - it fails only the jobs whose rows fail
+                if len(parts) == 1:
+                    self._fail(parts[0][0], exc)
+                    return
+                # Each job's rows alone, so that one job's fault (or a call too large for the
+                # device) ends that job only, and the others go on with the same outputs.
+                logger.warning("a shared UNet call of %d jobs failed (%s): running each alone",
+                               len(parts), exc)
+                outs, kept = [], []
+                for part in parts:
+                    try:
+                        outs.append(self._predict([part])[0])
+                        kept.append(part)
+                    except Exception as alone:  # noqa: BLE001
+                        self._fail(part[0], alone)
+                parts = kept
             for (key, call, rows), out in zip(parts, outs, strict=True):
                 if rows.stop < call.rows:  # the rest of this call's rows go first next time
                     self._done_rows.setdefault(key, []).append(out)
@@ -516,8 +560,7 @@ def stage_2_job(
         raise InvalidInputError(
             f"image has shape {tuple(image.shape)}: expected the stage-1 output (1, 3, H, H)"
         )
-    if not torch.isfinite(image).all():
-        raise InvalidInputError("image contains NaN or infinite values: pass the stage-1 output")
+    _check_values("image", image, stage.dtype, "pass the stage-1 output")
     embeds = _cfg_embeds(stage, prompt_embeds, negative_prompt_embeds)
     size = stage.sample_size
 

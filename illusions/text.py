@@ -8,8 +8,9 @@ encoded the same way.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +36,10 @@ class TextEncoder:
     model: Any  # transformers.T5EncoderModel
     device: torch.device
     dtype: torch.dtype
+    # A fast tokenizer keeps its padding and truncation settings in shared state, which each call
+    # sets: concurrent calls (a service's request threads) would mix up each other's settings.
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False,
+                                            compare=False)
 
     @classmethod
     def from_pretrained(cls, source: str, *, device: torch.device | str = "cpu",
@@ -63,6 +68,10 @@ class TextEncoder:
                 ids[row, : len(codes)] = torch.tensor(codes)
                 mask[row, : len(codes)] = 1
             return ids, mask
+        with self._tokenizer_lock:
+            return self._tokenize_locked(texts)
+
+    def _tokenize_locked(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self.tokenizer(
             texts,
             padding="max_length",

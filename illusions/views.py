@@ -689,6 +689,11 @@ def _check_sigma(sigma: float, arg: str) -> float:
     return float(sigma)
 
 
+# Kernel sizes are given at 64x64 and scaled with the image: a kernel must fit in the image (the
+# blurs pad by half a kernel), and the cost of a blur grows with its size.
+MAX_KERNEL_SIZE = 63
+
+
 def _check_kernel_size(kernel_size: int, arg: str = "kernel_size") -> int:
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
         raise ViewError(f"{arg} must be an integer, got {kernel_size!r}")
@@ -696,6 +701,11 @@ def _check_kernel_size(kernel_size: int, arg: str = "kernel_size") -> int:
         raise ViewError(
             f"{arg} must be an odd integer >= 3 (kernels are centred on a pixel), got "
             f"{kernel_size}"
+        )
+    if kernel_size > MAX_KERNEL_SIZE:
+        raise ViewError(
+            f"{arg} must be at most {MAX_KERNEL_SIZE} (sizes are at 64x64, and a kernel must fit "
+            f"in the image), got {kernel_size}"
         )
     return kernel_size
 

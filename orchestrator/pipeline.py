@@ -5,6 +5,7 @@ Runs against a :class:`CascadeClient`, whether the services were started locally
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -13,8 +14,9 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +180,27 @@ def clear_run_dir(run_dir: Path) -> None:
     (run_dir / "metadata.json").unlink(missing_ok=True)
 
 
+class RunBusyError(InvalidInputError):
+    """Another process is writing into the run folder."""
+
+
+@contextmanager
+def locked_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` (created if need be) for one process: a second ``generate`` into the same
+    folder, which would replace the first one's half-written samples, gets :class:`RunBusyError`
+    instead. The lock (``flock`` on ``run_dir/.lock``) goes with the process, however it ends."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusyError(
+                f"another `illusion generate` is writing into {run_dir}: wait for it to finish "
+                "(running the same command then resumes it), or pick another --name"
+            ) from None
+        yield
+
+
 def load_ref_image(path: Path) -> torch.Tensor:
     """An image file -> (3, H, W) float32 in [-1, 1]."""
     try:
@@ -247,6 +270,14 @@ def generate(config: GenerateConfig, client: CascadeClient, progress: bool = Tru
     """
     views = check_config(config)
     ref_image = load_ref_image(config.ref_image) if config.ref_image else None
+    with locked_run_dir(config.run_dir):
+        return _generate(config, client, views, ref_image, progress, stage1_workers,
+                         stage2_workers)
+
+
+def _generate(config: GenerateConfig, client: CascadeClient, views: list[View],
+              ref_image: torch.Tensor | None, progress: bool, stage1_workers: int,
+              stage2_workers: int) -> list[Path]:
     prompts = style_prompts(config.prompts, config.style)
     models = client.describe()
     run_dir = config.run_dir

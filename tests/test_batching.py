@@ -207,6 +207,41 @@ def test_a_cancelled_job_ends_alone(stage1, prompts, alone):
         assert (alone[k] - batched[k]).abs().max() <= TOLERANCE
 
 
+def _with_embeds(job, change):
+    """``job`` with every UNet call's embeddings changed by ``change``."""
+    from dataclasses import replace
+
+    out = None
+    try:
+        while True:
+            call = job.send(out) if out is not None else next(job)
+            out = yield replace(call, embeds=change(call.embeds))
+    except StopIteration as done:
+        return done.value
+
+
+def test_a_job_whose_rows_fail_ends_alone(stage1, prompts, alone):
+    """A shared call that fails is run again job by job: the job whose rows fail gets the error,
+    the others go on unchanged."""
+    jobs = _stage_1_jobs(stage1, prompts)
+    jobs[1] = _with_embeds(jobs[1], lambda e: e[..., :-1])  # too narrow for the UNet
+    batched = run_batched(stage1, jobs)
+    assert isinstance(batched[1], RuntimeError)
+    for k in (0, 2):
+        assert (alone[k] - batched[k]).abs().max() <= TOLERANCE
+
+
+def test_a_job_that_cannot_share_a_call_runs_alone(stage1, prompts, alone):
+    """Rows that cannot be stacked with the others' (other token counts) run in their own call."""
+    jobs = _stage_1_jobs(stage1, prompts)
+    jobs[1] = _with_embeds(jobs[1], lambda e: e[:, :10])
+    batched = run_batched(stage1, jobs)
+    shorter = run_job(stage1, _with_embeds(_stage_1_jobs(stage1, prompts)[1], lambda e: e[:, :10]))
+    assert (batched[1] - shorter).abs().max() <= TOLERANCE
+    for k in (0, 2):
+        assert (alone[k] - batched[k]).abs().max() <= TOLERANCE
+
+
 def test_runner_shares_calls_between_callers(stage1, prompts, alone):
     """Jobs submitted from other threads join the running ones at their next step."""
     from illusions.batching import BatchRunner

@@ -232,3 +232,23 @@ def test_compile_asks_inductor_for_its_deterministic_mode(monkeypatch):
     assert calls[0]["options"] == {"deterministic": True} and "mode" not in calls[0]
     assert calls[1]["mode"] == "max-autotune" and "options" not in calls[1]
     assert all(kw["dynamic"] is False for kw in calls)
+
+
+def test_concurrent_tokenizing_gives_every_caller_its_own_ids(text_encoder):
+    """A service's request threads tokenize at once; a fast tokenizer's padding and truncation
+    settings are shared state, so each call must still get 77 ids of its own prompts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [["a waterfall"], ["an old man with a very long beard " * 12, "a deer"],
+               ["a teapot", "an owl", "a cat on a mat"], [""]]
+    expected = [text_encoder._tokenize(p) for p in prompts]
+
+    def tokenize(k: int) -> bool:
+        ids, mask = text_encoder._tokenize(prompts[k % len(prompts)])
+        want_ids, want_mask = expected[k % len(prompts)]
+        return torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(tokenize, range(800)))
+    assert all(ids.shape[-1] == 77 for ids, _ in expected)
+    assert all(results), f"{results.count(False)} of {len(results)} calls got other ids"

@@ -138,6 +138,25 @@ def test_a_different_command_does_not_mix_into_a_run(services, tmp_path):
         assert json.loads((config.run_dir / "metadata.json").read_text())["samples_done"] == [0, 1]
 
 
+def test_a_second_process_on_one_run_folder_is_refused(services, tmp_path):
+    """While one generate writes into a run folder, another into the same folder (which would
+    replace the first one's half-written samples) is refused, and nothing of the first changes."""
+    from orchestrator.pipeline import RunBusyError, locked_run_dir
+
+    config = job(tmp_path, num_samples=1, save_tensors=False)
+    with CountingClient(services) as client:
+        generate(config, client, progress=False)
+        first = (config.run_dir / "0000").stat().st_ino
+        with locked_run_dir(config.run_dir):  # as the other process holds it
+            with pytest.raises(RunBusyError, match="another `illusion generate` is writing into"):
+                generate(replace(config, num_samples=2), client, progress=False)
+        assert client.calls["stage1"] == 1, "a refused command sampled"
+        assert done_in(config.run_dir) == [0]
+        generate(replace(config, num_samples=2), client, progress=False)  # free again: resumes
+    assert (config.run_dir / "0000").stat().st_ino == first
+    assert done_in(config.run_dir) == [0, 1]
+
+
 def test_cli_refuses_another_run_in_one_line(services, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "0000").mkdir()  # samples of unknown origin

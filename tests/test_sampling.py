@@ -144,12 +144,38 @@ def test_bad_embeddings_are_named(stage1, embeds):
     bad[0, 0, 0] = float("nan")
     with pytest.raises(InvalidInputError, match="NaN"):
         sample_stage_1(stage1, bad, negative, views, new_generator(0), FAST)
+    # Other token counts than T5's 77 would not stack with other requests' rows in a shared call.
+    for tokens in (0, 10, 78):
+        with pytest.raises(InvalidInputError, match=f"{tokens} tokens a prompt but IF's UNets take 77"):
+            sample_stage_1(stage1, prompt[:, :1].expand(-1, tokens, -1),
+                           negative[:, :1].expand(-1, tokens, -1), views, new_generator(0), FAST)
+
+
+def test_values_beyond_the_unets_dtype_are_named(embeds):
+    """float32 values that a half-precision UNet would turn into infinities."""
+    from conftest import STAGE1_DIR
+
+    from illusions.models import load_unet_stage
+
+    half = load_unet_stage(str(STAGE1_DIR), 1, dtype=torch.float16)
+    prompt, negative = embeds
+    big = prompt.clone()
+    big[0, 5, 3] = 1e6
+    with pytest.raises(InvalidInputError, match="prompt_embeds holds 1e\\+06, beyond what the "
+                                                "UNet's float16 can hold"):
+        sample_stage_1(half, big, negative, build_views(["identity", "flip"]), new_generator(0),
+                       FAST)
 
 
 def test_stage2_rejects_bad_image(stage2, embeds):
     views = build_views(["identity", "flip"])
     with pytest.raises(InvalidInputError, match="image"):
         sample_stage_2(stage2, torch.zeros(1, 4, 64, 64), *embeds, views, new_generator(0), FAST)
+    with pytest.raises(InvalidInputError, match="image is empty"):
+        sample_stage_2(stage2, torch.zeros(1, 3, 0, 0), *embeds, views, new_generator(0), FAST)
+    with pytest.raises(InvalidInputError, match="ref_image is empty"):
+        sample_stage_2(stage2, torch.zeros(1, 3, 64, 64), *embeds, views, new_generator(0), FAST,
+                       ref_image=torch.zeros(3, 0, 0))
 
 
 def test_bad_rng_state():

@@ -551,6 +551,8 @@ def test_unknown_view_lists_valid_ones():
         ("low_pass", ["kernel_size=32"], "odd"),
         ("triple_low_pass", ["sigma_2=0"], "sigma_2 must be"),
         ("motion", ["6"], "odd"),
+        ("motion", ["2000001"], "at most 63"),  # a blur this long would take minutes and GiBs
+        ("low_pass", ["kernel_size=65"], "at most 63"),
         ("scale", ["0"], "> 0"),
         ("scale", ["inf"], "finite"),
         ("jigsaw", ["1"], ">= 2"),
