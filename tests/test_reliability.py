@@ -310,3 +310,14 @@ def test_stage2_cancel_stops_within_a_step(services, caplog):
         request.params.num_inference_steps = 1
         assert list(stub.Sample(request, timeout=60))[-1].HasField("result")
     assert seen >= 1 and max(steps) <= seen + 1, f"ran on to step {max(steps)} after {seen}"
+
+
+def test_a_failed_metadata_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from orchestrator.output import write_json_atomic
+
+    path = tmp_path / "metadata.json"
+    write_json_atomic(path, {"samples_done": [0]})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"samples_done": [0, 1], "bad": object()})
+    assert json.loads(path.read_text()) == {"samples_done": [0]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json"]
