@@ -512,14 +512,15 @@ class JigsawView(PermutationView):
 
     name = "jigsaw"
     description = "Jigsaw puzzle pieces rearranged and rotated."
-    args = (ViewArg("grid", int, 4, "pieces per side; 2 .. 64 and must divide the image size"),)
+    args = (ViewArg("grid", int, 4, "pieces per side; must divide 64 (2, 4, 8, 16, 32 or 64)"),)
 
     def __init__(self, grid: int = 4, *, seed: int = 0) -> None:
         super().__init__()
-        if isinstance(grid, bool) or not isinstance(grid, int) or not 2 <= grid <= MAX_JIGSAW_GRID:
+        valid = [n for n in range(2, MAX_JIGSAW_GRID + 1) if BASE_SIZE % n == 0]
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid not in valid:
             raise ViewError(
-                f"jigsaw grid must be an integer >= 2 and <= {MAX_JIGSAW_GRID} that divides the image "
-                f"size (e.g. 2, 4, 8 for 64/256/1024 images), got {grid!r}"
+                f"jigsaw grid must divide {BASE_SIZE} so that the pieces tile the 64, 256 and 1024 "
+                f"images: use one of {valid}, got {grid!r}"
             )
         self.grid = grid
         self.seed = seed
@@ -536,7 +537,7 @@ class JigsawView(PermutationView):
         if height != width or height % self.grid:
             raise ViewError(
                 f"view 'jigsaw' with grid={self.grid} needs a square image whose side is a "
-                f"multiple of {self.grid} (e.g. 64, 256, 1024), got {height}x{width}"
+                f"multiple of {self.grid}, got {height}x{width}"
             )
         return height
 

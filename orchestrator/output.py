@@ -115,6 +115,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # readable like the images beside it (mkstemp makes it 0600)
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")

@@ -88,7 +88,8 @@ def check_config(config: GenerateConfig) -> list[View]:
         raise InvalidInputError(f"--seed {config.seed} is out of range: use 0 .. 2**63-1")
     config.params.validate()
     if config.ref_image is not None and not Path(config.ref_image).is_file():
-        raise InvalidInputError(f"--ref-image {config.ref_image} does not exist: give an image file")
+        what = "is a folder" if Path(config.ref_image).is_dir() else "does not exist"
+        raise InvalidInputError(f"--ref-image {config.ref_image} {what}: give an image file")
     views = build_views(config.views, config.view_args or None, view_seed=config.view_seed)
     if not config.overwrite:
         check_run_dir(config, _metadata(config, style_prompts(config.prompts, config.style), None,
@@ -147,11 +148,14 @@ def check_run_dir(config: GenerateConfig, meta: dict[str, Any]) -> None:
     run_dir = config.run_dir
     path = run_dir / "metadata.json"
     fix = f"pick another --name, remove {run_dir}, or pass --overwrite to replace its samples"
+    has_samples = run_dir.is_dir() and any(SAMPLE_DIR.fullmatch(p.name) for p in run_dir.iterdir())
     if not path.is_file():
-        if run_dir.is_dir() and any(SAMPLE_DIR.fullmatch(p.name) for p in run_dir.iterdir()):
+        if has_samples:
             raise RunMismatchError(f"{run_dir} holds samples but no metadata.json, so they may be "
                                    f"from another command: {fix}")
         return
+    if not has_samples:
+        return  # a run that ended before its first sample (e.g. refused): nothing to mix with
     try:
         old = json.loads(path.read_text())
         if not isinstance(old, dict):

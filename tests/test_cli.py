@@ -139,6 +139,10 @@ def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
          ["skew"]),
         (["--prompts", "a", "b", "--views", "identity", "flip", "--num-inference-steps", "0"],
          ["num_inference_steps"]),
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--ref-image", "."],
+         ["--ref-image . is a folder: give an image file"]),
+        (["--prompts", "a", "b", "--views", "identity", "jigsaw", "--view-args", "", "grid=3"],
+         ["jigsaw grid must divide 64", "use one of [2, 4, 8, 16, 32, 64]"]),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, capsys, args, expected):

@@ -157,6 +157,22 @@ def test_a_second_process_on_one_run_folder_is_refused(services, tmp_path):
     assert done_in(config.run_dir) == [0, 1]
 
 
+def test_a_run_that_made_no_sample_does_not_hold_its_folder(services, tmp_path):
+    """A command that ended before its first sample (refused by a service, interrupted) leaves
+    metadata.json but no sample: a corrected command runs in the same folder instead of being
+    called another run."""
+    config = job(tmp_path, num_samples=1, save_tensors=False)
+    with CountingClient(services, interrupt_at=1) as client, pytest.raises(KeyboardInterrupt):
+        generate(config, client, progress=False)
+    assert (config.run_dir / "metadata.json").is_file() and done_in(config.run_dir) == []
+    corrected = replace(config, params=replace(PARAMS, guidance_scale=4.0))
+    with CountingClient(services) as client:
+        generate(corrected, client, progress=False)
+    assert done_in(config.run_dir) == [0]
+    meta = json.loads((config.run_dir / "metadata.json").read_text())
+    assert meta["sampling"]["guidance_scale"] == 4.0
+
+
 def test_cli_refuses_another_run_in_one_line(services, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "0000").mkdir()  # samples of unknown origin
@@ -321,3 +337,4 @@ def test_a_failed_metadata_write_keeps_the_old_file_and_leaves_no_temporary(tmp_
         write_json_atomic(path, {"samples_done": [0, 1], "bad": object()})
     assert json.loads(path.read_text()) == {"samples_done": [0]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json"]
+    assert path.stat().st_mode & 0o777 == 0o644, "readable like the images beside it"

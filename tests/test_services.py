@@ -288,3 +288,17 @@ def test_a_service_makes_its_gpu_the_current_device(monkeypatch):
     assert chosen == []
     use_device("cuda:1")
     assert chosen == [torch.device("cuda:1")]
+
+
+def test_a_port_in_use_is_an_error_not_a_shared_port():
+    """gRPC binds with SO_REUSEPORT on Linux unless told not to: a second server on a port in use
+    would start and take part of the first one's calls."""
+    from services.common.server import create_server
+
+    first, port = create_server("127.0.0.1:0")
+    first.start()
+    try:
+        with pytest.raises(OSError, match=f"could not bind 127.0.0.1:{port}: is the port in use"):
+            create_server(f"127.0.0.1:{port}")
+    finally:
+        first.stop(None)

@@ -555,8 +555,9 @@ def test_unknown_view_lists_valid_ones():
         ("low_pass", ["kernel_size=65"], "at most 63"),
         ("scale", ["0"], "> 0"),
         ("scale", ["inf"], "finite"),
-        ("jigsaw", ["1"], ">= 2"),
-        ("jigsaw", ["100000000"], "<= 64"),  # would draw a layout of 10^16 pieces
+        ("jigsaw", ["1"], "must divide 64"),
+        ("jigsaw", ["3"], "use one of [2, 4, 8, 16, 32, 64], got 3"),  # found before any sampling
+        ("jigsaw", ["100000000"], "must divide 64"),  # would draw a layout of 10^16 pieces
         ("skew", ["1e30"], "1000"),  # shifts beyond 64-bit integers
     ],
 )
@@ -566,7 +567,7 @@ def test_bad_arguments(name: str, args: list[str], needle: str):
 
 
 def test_bad_inputs():
-    assert "multiple of 3" in _error(build_view("jigsaw", ["3"]).view, image6(64))
+    assert "multiple of 8" in _error(build_view("jigsaw", ["8"]).view, image6(60))
     assert "divisible by 8" in _error(get_view("patch_permute").view, rand(3, 60, 60))
     assert "square" in _error(get_view("rotate_cw").view, rand(3, 64, 32))
     assert "square" in _error(get_view("inner_circle").view, rand(3, 64, 32))

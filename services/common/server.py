@@ -130,7 +130,10 @@ def create_server(address: str, max_workers: int = 16, security: ServerSecurity 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=[*security.interceptors(), RequestDecodeErrors()],
                          options=[*message_options(max_message_bytes),
-                                  *SERVER_KEEPALIVE_OPTIONS])
+                                  *SERVER_KEEPALIVE_OPTIONS,
+                                  # gRPC binds with SO_REUSEPORT on Linux by default: a second
+                                  # server on a port in use would start and take part of its calls.
+                                  ("grpc.so_reuseport", 0)])
     credentials = security.credentials()
     if credentials is None:
         try:
