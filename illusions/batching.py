@@ -66,8 +66,9 @@ class BatchRunner:
                 shared.add(job, _resolver(future))
             try:
                 shared.step()
-            except Exception as exc:  # noqa: BLE001 - a failed UNet call fails the jobs in it
-                logger.exception("a shared UNet call failed")
+            except Exception as exc:  # noqa: BLE001 - a UNet call's failure ends only the jobs
+                # whose rows fail (SharedSteps.step); anything else leaves no job's state known
+                logger.exception("a shared step failed")
                 shared.fail_all(exc)
 
 
