@@ -80,6 +80,8 @@ __all__ = [
 # scales them for larger images by ``factor = H // BASE_SIZE``: sigma * factor, and kernel size
 # k * factor + ((factor + 1) % 2), the extra 1 keeping the kernel odd when the factor is even.
 BASE_SIZE = 64
+# Patch and piece counts per side that tile the 64, 256 and 1024 images alike.
+BASE_DIVISORS = [n for n in range(2, BASE_SIZE + 1) if BASE_SIZE % n == 0]
 
 
 class ViewError(ValueError):
@@ -435,13 +437,12 @@ class PatchPermuteView(PermutationView):
         ``generator`` defaults to a fresh CPU generator seeded with ``seed``.
         """
         super().__init__()
-        valid = [n for n in range(2, BASE_SIZE + 1) if BASE_SIZE % n == 0]
         if isinstance(num_patches, bool) or not isinstance(num_patches, int):
             raise ViewError(f"num_patches must be an integer, got {num_patches!r}")
-        if num_patches not in valid:
+        if num_patches not in BASE_DIVISORS:
             raise ViewError(
                 f"num_patches={num_patches} must divide {BASE_SIZE} so that the patches tile the "
-                f"64, 256 and 1024 images; use one of {valid}"
+                f"64, 256 and 1024 images; use one of {BASE_DIVISORS}"
             )
         self.num_patches = num_patches
         if generator is None:
@@ -516,11 +517,10 @@ class JigsawView(PermutationView):
 
     def __init__(self, grid: int = 4, *, seed: int = 0) -> None:
         super().__init__()
-        valid = [n for n in range(2, MAX_JIGSAW_GRID + 1) if BASE_SIZE % n == 0]
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid not in valid:
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid not in BASE_DIVISORS:
             raise ViewError(
                 f"jigsaw grid must divide {BASE_SIZE} so that the pieces tile the 64, 256 and 1024 "
-                f"images: use one of {valid}, got {grid!r}"
+                f"images: use one of {BASE_DIVISORS}, got {grid!r}"
             )
         self.grid = grid
         self.seed = seed
