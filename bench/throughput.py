@@ -280,6 +280,9 @@ def main() -> None:
     parser.add_argument("--encoder-dtype", default="float16")
     parser.add_argument("--baseline-repeats", type=int, default=2)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-stages-alone", action="store_true",
+                        help="without replica runs: only the end-to-end runs on one GPU, not "
+                             "each stage timed alone")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense fp16 peak of one GPU (default: from the GPU's name)")
     parser.add_argument("--out", type=Path, default=None)
@@ -359,19 +362,20 @@ def main() -> None:
                     report["one_gpu"] = [bench.generate(one_gpu, b, b, 1, peak)
                                          for b in args.batch]
                     save()
-                embeds, negative = (codec.encode(t) for t in one_gpu.encode(list(bench.views)))
-                report["stage1_only"], requests = bench.stage1_only(one_gpu, embeds, negative,
-                                                                    peak)
-                if one_gpu_runs:
-                    report["stage2_only_one_gpu"] = bench.stage2_only(one_gpu, requests, 1, peak)
-                    # The cascade's UNet work on that one GPU with each stage running alone (no
-                    # time shared between the two processes, no pipeline filling or draining):
-                    # FLOPs of both stages over the sum of the two stages' times.
-                    busy = (report["stage1_only"]["wall_s"]
-                            + report["stage2_only_one_gpu"]["wall_s"])
-                    tflops = args.samples * (bench.flops[1] + bench.flops[2]) / busy / 1e12
-                    report["cascade_stages_alone"] = {"wall_s": busy, "unet_tflops": tflops,
-                                                      "fraction_of_peak": tflops / peak}
+                if not (args.skip_stages_alone and not replicas):
+                    embeds, negative = (codec.encode(t) for t in one_gpu.encode(list(bench.views)))
+                    report["stage1_only"], requests = bench.stage1_only(one_gpu, embeds, negative,
+                                                                        peak)
+                    if one_gpu_runs:
+                        report["stage2_only_one_gpu"] = bench.stage2_only(one_gpu, requests, 1, peak)
+                        # The cascade's UNet work on that one GPU with each stage running alone (no
+                        # time shared between the two processes, no pipeline filling or draining):
+                        # FLOPs of both stages over the sum of the two stages' times.
+                        busy = (report["stage1_only"]["wall_s"]
+                                + report["stage2_only_one_gpu"]["wall_s"])
+                        tflops = args.samples * (bench.flops[1] + bench.flops[2]) / busy / 1e12
+                        report["cascade_stages_alone"] = {"wall_s": busy, "unet_tflops": tflops,
+                                                          "fraction_of_peak": tflops / peak}
                 save()
             report["replicas"], report["stage2_only"] = [], []
             for k in replicas:
