@@ -359,9 +359,10 @@ def main() -> None:
             with client(by_device[stage2_devices[0]]) as one_gpu:
                 one_gpu.check()
                 if one_gpu_runs:
-                    report["one_gpu"] = [bench.generate(one_gpu, b, b, 1, peak)
-                                         for b in args.batch]
-                    save()
+                    report["one_gpu"] = []
+                    for b in args.batch:
+                        report["one_gpu"].append(bench.generate(one_gpu, b, b, 1, peak))
+                        save()
                 if not (args.skip_stages_alone and not replicas):
                     embeds, negative = (codec.encode(t) for t in one_gpu.encode(list(bench.views)))
                     report["stage1_only"], requests = bench.stage1_only(one_gpu, embeds, negative,
