@@ -354,6 +354,18 @@ def _check_batch_multiple(values: list[int], fixed_batch: bool, per_stage: bool 
                                 "UNet call: add --fixed-batch (and --max-batch N)")
 
 
+def _warn_padding(stage: str, cap: int, multiple: int, fill: int, source: str) -> None:
+    """Warn when --fixed-batch pads a stage's fullest call (``fill`` rows: all its requests in
+    flight) to at least a third more rows than it holds: padding costs as much as real rows."""
+    padded = min(cap, -(-fill // multiple) * multiple) if multiple else cap
+    if padded * 3 >= fill * 4:
+        logger.warning(
+            "--fixed-batch pads every %s call to %d rows, but %s fill at most %d: %.0f %% of each "
+            "call is padding, as slow as real rows. Lower --max-batch for that stage to %d, send "
+            "more samples at once (--batch, --parallel), or give --batch-multiple",
+            stage, padded, source, fill, 100 * (1 - fill / padded), fill)
+
+
 def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
     """The services local mode starts for ``generate``'s arguments: the encoder, stage 1 and one
     stage 2 per ``--stage2-devices`` entry (one on ``--device`` by default)."""
@@ -376,6 +388,12 @@ def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
     # --parallel stage-2 calls are spread over the replicas: each replica runs its share at once
     # (the stage-2 calls of several stage-1 groups), not only one --batch.
     stage2_concurrent = max(args.batch, -(-args.parallel // len(stage2_devices)))
+    if args.fixed_batch:
+        views = len(args.views)
+        _warn_padding("stage-1", stage1_rows, stage1_multiple, 2 * views * args.batch,
+                      f"--batch {args.batch} with {views} views")
+        _warn_padding("stage-2", stage2_rows, stage2_multiple, 2 * views * stage2_concurrent,
+                      f"{stage2_concurrent} samples in flight a replica with {views} views")
     return [
         LocalServiceSpec("encoder", args.encoder_model or args.stage1_model,
                          str(parse_device(args.encoder_device)),

@@ -374,6 +374,32 @@ def test_local_mode_services_for_fixed_batch_and_compile():
                                             "--stage2-devices", "cpu", "cpu")][2:] == [4, 4]
 
 
+def test_local_mode_warns_when_padding_fills_calls(caplog: pytest.LogCaptureFixture):
+    """--fixed-batch with a --max-batch that the samples in flight cannot fill pads every call
+    with rows that cost as much as real ones: generate says so, and how to fix it."""
+    from orchestrator.cli import build_parser, local_specs
+
+    def warnings(*extra: str) -> list[str]:
+        caplog.clear()
+        args = build_parser().parse_args(["generate", "--prompts", "a", "b", "--views",
+                                          "identity", "flip", "--device", "cpu", *extra])
+        with caplog.at_level("WARNING", logger="illusion"):
+            local_specs(args)
+        return [r.getMessage() for r in caplog.records]
+
+    fixed = ("--fixed-batch", "--max-batch", "64", "16")
+    (message,) = warnings("--batch", "8", *fixed)
+    assert "every stage-1 call to 64 rows, but --batch 8 with 2 views fill at most 32" in message
+    assert "50 % of each call is padding" in message and "--max-batch for that stage to 32" in message
+    assert warnings("--batch", "16", *fixed) == []  # 16 samples x 2 views x 2 = 64 rows
+    assert warnings("--batch", "8", *fixed, "--batch-multiple", "32", "4") == []  # padded to 32
+    assert warnings("--batch", "8", "--max-batch", "64", "16") == []  # no padding at all
+    (message,) = warnings("--batch", "2", "--fixed-batch", "--max-batch", "8", "16")
+    assert "every stage-2 call to 16 rows, but 2 samples in flight a replica" in message
+    assert warnings("--batch", "2", "--fixed-batch", "--max-batch", "8", "16",
+                    "--batch-multiple", "0", "4") == []
+
+
 def test_local_mode_batch_multiple_per_stage():
     """generate --batch-multiple N [M] reaches each stage service as `serve --batch-multiple`,
     and only with --fixed-batch, whose padding it sets."""
