@@ -413,7 +413,7 @@ def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from orchestrator.client import CascadeClient
     from orchestrator.local import LocalServices
-    from orchestrator.pipeline import GenerateConfig, check_config, generate
+    from orchestrator.pipeline import GenerateConfig, check_config, finished_run, generate, locked_run_dir
 
     config = GenerateConfig(
         prompts=tuple(args.prompts),
@@ -482,16 +482,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
         specs = local_specs(args)
         stage2_devices = [spec.device for spec in specs if spec.kind == "stage2"]
-        logger.info("local mode: starting the encoder, stage-1 and %d stage-2 service(s)",
-                    len(stage2_devices))
-        with LocalServices(specs) as addresses, CascadeClient(
-            addresses["encoder"], addresses["stage1"], addresses["stage2"], timeout=args.timeout,
-            retry_timeout=args.retry_timeout,
-        ) as client:
-            client.check()
-            written = generate(config, client, progress=progress, stage1_workers=args.batch,
-                               stage2_workers=args.parallel or max(args.batch,
-                                                                   len(stage2_devices)))
+        # The run folder is held before the services start, so a second command into it is
+        # refused at once; a run whose samples are all made needs no service at all.
+        with locked_run_dir(config.run_dir):
+            models = {spec.kind: {"model": spec.model, "dtype": spec.dtype,
+                                  "quantize": spec.quantize,
+                                  "random_weights": spec.random_weights} for spec in specs}
+            written = finished_run(config, models)
+            if written is not None:
+                logger.warning("all %d samples of %s are already made: nothing to do (pass "
+                               "--overwrite to make them again)", len(written), config.run_dir)
+            else:
+                logger.info("local mode: starting the encoder, stage-1 and %d stage-2 service(s)",
+                            len(stage2_devices))
+                with LocalServices(specs) as addresses, CascadeClient(
+                    addresses["encoder"], addresses["stage1"], addresses["stage2"],
+                    timeout=args.timeout, retry_timeout=args.retry_timeout,
+                ) as client:
+                    client.check()
+                    written = generate(config, client, progress=progress,
+                                       stage1_workers=args.batch,
+                                       stage2_workers=args.parallel or max(args.batch,
+                                                                           len(stage2_devices)))
     for folder in written:
         print(folder)
     if args.animate:

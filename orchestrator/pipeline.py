@@ -91,6 +91,10 @@ def check_config(config: GenerateConfig) -> list[View]:
         what = "is a folder" if Path(config.ref_image).is_dir() else "does not exist"
         raise InvalidInputError(f"--ref-image {config.ref_image} {what}: give an image file")
     views = build_views(config.views, config.view_args or None, view_seed=config.view_seed)
+    for folder, flag in ((config.save_dir, "--save-dir"), (config.run_dir, "--name")):
+        if folder.exists() and not folder.is_dir():
+            raise InvalidInputError(f"{flag}: {folder} is a file, not a folder: give a folder for "
+                                    "the results")
     if not config.overwrite:
         check_run_dir(config, _metadata(config, style_prompts(config.prompts, config.style), None,
                                         []))
@@ -188,13 +192,36 @@ class RunBusyError(InvalidInputError):
     """Another process is writing into the run folder."""
 
 
+_held_lock = threading.Lock()
+_held: dict[Path, int] = {}  # run folders this process holds, and how many times
+
+
 @contextmanager
 def locked_run_dir(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir`` (created if need be) for one process: a second ``generate`` into the same
-    folder, which would replace the first one's half-written samples, gets :class:`RunBusyError`
-    instead. The lock (``flock`` on ``run_dir/.lock``) goes with the process, however it ends."""
+    """Hold ``run_dir`` (created if need be) for this process: a second ``generate`` process into
+    the same folder, which would replace the first one's half-written samples, gets
+    :class:`RunBusyError` instead. The lock (``flock`` on ``run_dir/.lock``) goes with the
+    process, however it ends. Within one process the hold nests (local mode holds the folder
+    while its services start, and ``generate`` again inside). A folder this call created and left
+    empty is removed again."""
+    key = run_dir.resolve()
+    with _held_lock:
+        if key in _held:
+            _held[key] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held[key] -= 1
+        return
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a") as handle:
+    lock_path = run_dir / ".lock"
+    with open(lock_path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -202,7 +229,40 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
                 f"another `illusion generate` is writing into {run_dir}: wait for it to finish "
                 "(running the same command then resumes it), or pick another --name"
             ) from None
-        yield
+        with _held_lock:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_lock:
+                del _held[key]
+            if created and [p.name for p in run_dir.iterdir()] == [".lock"]:
+                lock_path.unlink()  # while still held: no other process got in
+                try:
+                    run_dir.rmdir()
+                except OSError:  # another process has just created its own lock there
+                    pass
+
+
+def finished_run(config: GenerateConfig, models: dict[str, dict[str, Any]]) -> list[Path] | None:
+    """The sample folders of ``config``'s run if every one of its samples is already in its
+    folder, made by the same command with these ``models`` (``{"encoder": {"model": ...,
+    "dtype": ..., "quantize": ..., "random_weights": ...}, "stage1": ..., "stage2": ...}``, as
+    :func:`job_identity` compares them); else None. Local mode then starts no service at all."""
+    if config.overwrite:
+        return None
+    try:
+        old = json.loads((config.run_dir / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    mine = _metadata(config, style_prompts(config.prompts, config.style), None, [])
+    mine["models"] = models
+    if not isinstance(old, dict) or job_identity(mine) != job_identity(old):
+        return None
+    seeds = [config.seed + i for i in range(config.num_samples)]
+    if not set(seeds) <= set(finished_samples(config.run_dir, config.save_tensors)):
+        return None
+    return [sample_dir(config.run_dir, seed) for seed in seeds]
 
 
 def load_ref_image(path: Path) -> torch.Tensor:

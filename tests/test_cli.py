@@ -95,6 +95,16 @@ def test_local_mode_reproduces_reference(tmp_path, reference):
     assert meta["models"]["stage1"]["model"] == str(STAGE1_DIR)
     assert not list(run.glob(".*partial"))
     assert "and 2 stage-2 service(s)" in result.stderr
+    # The same command again: every sample is made, so no service starts and nothing changes.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    again = illusion("-v", "generate", *case_args("flip"), *TINY, "--save-dir", str(tmp_path),
+                     "--name", "flip", "--save-tensors", "--num-samples", "2",
+                     "--stage2-devices", "cpu", "cpu")
+    assert again.returncode == 0, again.stderr
+    assert "all 2 samples of" in again.stderr and "nothing to do" in again.stderr
+    assert "starting the encoder" not in again.stderr
+    assert again.stdout.split() == [str(run / "0000"), str(run / "0001")]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
 def test_remote_services_reproduce_reference_with_style(tmp_path, remote, reference):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -138,16 +140,31 @@ def test_a_different_command_does_not_mix_into_a_run(services, tmp_path):
         assert json.loads((config.run_dir / "metadata.json").read_text())["samples_done"] == [0, 1]
 
 
+@contextmanager
+def holding_lock(run_dir: Path) -> Iterator[None]:
+    """Another process holds ``run_dir``'s lock (as a running ``generate`` does) until the block
+    ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(run_dir / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate(timeout=30)
+
+
 def test_a_second_process_on_one_run_folder_is_refused(services, tmp_path):
     """While one generate writes into a run folder, another into the same folder (which would
     replace the first one's half-written samples) is refused, and nothing of the first changes."""
-    from orchestrator.pipeline import RunBusyError, locked_run_dir
+    from orchestrator.pipeline import RunBusyError
 
     config = job(tmp_path, num_samples=1, save_tensors=False)
     with CountingClient(services) as client:
         generate(config, client, progress=False)
         first = (config.run_dir / "0000").stat().st_ino
-        with locked_run_dir(config.run_dir):  # as the other process holds it
+        with holding_lock(config.run_dir):
             with pytest.raises(RunBusyError, match="another `illusion generate` is writing into"):
                 generate(replace(config, num_samples=2), client, progress=False)
         assert client.calls["stage1"] == 1, "a refused command sampled"
@@ -155,6 +172,50 @@ def test_a_second_process_on_one_run_folder_is_refused(services, tmp_path):
         generate(replace(config, num_samples=2), client, progress=False)  # free again: resumes
     assert (config.run_dir / "0000").stat().st_ino == first
     assert done_in(config.run_dir) == [0, 1]
+
+
+def test_a_finished_run_is_found_without_services(services, tmp_path):
+    """finished_run (local mode asks it before starting any service) finds a run whose samples are
+    all made by the same command and models, and nothing else."""
+    from orchestrator.pipeline import finished_run, locked_run_dir
+
+    config = job(tmp_path, num_samples=2, save_tensors=False)
+    with CountingClient(services) as client:
+        generate(config, client, progress=False)
+    recorded = json.loads((config.run_dir / "metadata.json").read_text())["models"]
+    models = {name: {key: info[key] for key in ("model", "dtype", "quantize", "random_weights")}
+              for name, info in recorded.items()}
+    assert finished_run(config, models) == [config.run_dir / "0000", config.run_dir / "0001"]
+    assert finished_run(replace(config, num_samples=1, seed=1), models) == [config.run_dir / "0001"]
+    other_model = {**models, "stage1": {**models["stage1"], "model": "DeepFloyd/IF-I-XL-v1.0"}}
+    for changed, given in ((config, other_model), (replace(config, num_samples=3), models),
+                           (replace(config, save_tensors=True), models),
+                           (replace(config, overwrite=True), models),
+                           (replace(config, style="an oil painting of"), models),
+                           (replace(config, name="elsewhere"), models)):
+        assert finished_run(changed, given) is None, changed
+    # The hold nests within one process; a folder it made and left empty goes again.
+    with locked_run_dir(config.run_dir), locked_run_dir(config.run_dir):
+        pass
+    fresh = tmp_path / "never-used"
+    with locked_run_dir(fresh):
+        assert fresh.is_dir()
+    assert not fresh.exists()
+    with locked_run_dir(config.run_dir):
+        pass
+    assert (config.run_dir / ".lock").is_file() and done_in(config.run_dir) == [0, 1]
+
+
+def test_save_dir_that_is_a_file_is_one_sentence(tmp_path):
+    from illusions.sampling import InvalidInputError
+    from orchestrator.pipeline import check_config
+
+    (tmp_path / "results").write_text("not a folder")
+    with pytest.raises(InvalidInputError, match="--save-dir: .*results is a file, not a folder"):
+        check_config(job(tmp_path / "results"))
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(InvalidInputError, match="--name: .*run is a file, not a folder"):
+        check_config(job(tmp_path))
 
 
 def test_a_run_that_made_no_sample_does_not_hold_its_folder(services, tmp_path):
