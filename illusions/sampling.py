@@ -56,24 +56,32 @@ class SamplingParams:
     reduction: str = "mean"  # "mean" | "sum" (factorized views) | "alternate"
     noise_level: int = 50  # stage 2 only: timestep at which the upscaled 64px image is noised
 
-    def validate(self, num_train_timesteps: int = 1000) -> None:
+    def validate(self, num_train_timesteps: int = 1000, as_flags: bool = False) -> None:
+        """Raise InvalidInputError for a parameter out of range, named as a keyword
+        (``num_inference_steps=0``) or, with ``as_flags``, as the CLI's flag
+        (``--num-inference-steps 0``)."""
+
+        def given(field: str, value: object) -> str:
+            return f"--{field.replace('_', '-')} {value}" if as_flags else f"{field}={value!r}"
+
         if not 1 <= self.num_inference_steps <= num_train_timesteps:
             raise InvalidInputError(
-                f"num_inference_steps={self.num_inference_steps} is out of range: use 1 .. "
-                f"{num_train_timesteps} (30 is a good start)"
+                f"{given('num_inference_steps', self.num_inference_steps)} is out of range: use "
+                f"1 .. {num_train_timesteps} (30 is a good start)"
             )
         if not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= 100:
             raise InvalidInputError(
-                f"guidance_scale={self.guidance_scale} is out of range: use 0 .. 100 (10 is usual)"
+                f"{given('guidance_scale', self.guidance_scale)} is out of range: use 0 .. 100 "
+                "(10 is usual)"
             )
         if self.reduction not in REDUCTIONS:
             raise InvalidInputError(
-                f"reduction={self.reduction!r} is unknown: use one of {', '.join(REDUCTIONS)} "
-                "(sum for factorized views such as low_pass/high_pass)"
+                f"{given('reduction', self.reduction)} is unknown: use one of "
+                f"{', '.join(REDUCTIONS)} (sum for factorized views such as low_pass/high_pass)"
             )
         if not 0 <= self.noise_level < num_train_timesteps:
             raise InvalidInputError(
-                f"noise_level={self.noise_level} is out of range: use 0 .. "
+                f"{given('noise_level', self.noise_level)} is out of range: use 0 .. "
                 f"{num_train_timesteps - 1} (50 is the reference's default)"
             )
 

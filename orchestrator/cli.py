@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "shared UNet calls. Default 1")
     gen.add_argument("--parallel", type=int, default=0, metavar="N",
                      help="stage-2 calls in flight while stage 1 works on later samples "
-                          "(default: --batch, or one per --stage2 replica address if more)")
+                          "(0, the default: as many as --batch, or one per stage-2 replica if "
+                          "there are more replicas)")
     gen.add_argument("--stage2-devices", nargs="+", default=None, metavar="DEV",
                      help="local mode: one stage-2 replica per device, e.g. cuda:1 cuda:2 "
                           "(default: one on --device); samples are spread over them")

@@ -86,7 +86,7 @@ def check_config(config: GenerateConfig) -> list[View]:
         raise InvalidInputError(f"--num-samples {config.num_samples}: use 1 or more")
     if not 0 <= config.seed < 2**63 - config.num_samples:
         raise InvalidInputError(f"--seed {config.seed} is out of range: use 0 .. 2**63-1")
-    config.params.validate()
+    config.params.validate(as_flags=True)
     if config.ref_image is not None and not Path(config.ref_image).is_file():
         what = "is a folder" if Path(config.ref_image).is_dir() else "does not exist"
         raise InvalidInputError(f"--ref-image {config.ref_image} {what}: give an image file")
