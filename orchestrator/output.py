@@ -111,6 +111,15 @@ def views_sheet(image: torch.Tensor, views: Sequence[View],
     return sheet
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's (its entries') writes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -125,6 +134,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)  # the rename itself
 
 
 def sample_dir(run_dir: Path, seed: int) -> Path:
@@ -160,6 +170,11 @@ def stage_sample(run_dir: Path, seed: int, views: Sequence[View],
             tensors = {names[i]: image.float().contiguous()
                        for i, (_, image) in enumerate(sorted(images.items()))}
             save_file(tensors, str(partial / "tensors.safetensors"))
+        # On disk before publish_sample's rename makes the folder a finished sample: a machine
+        # that dies just after it leaves a whole sample, not one with empty files.
+        for path in partial.iterdir():
+            fsync_path(path)
+        fsync_path(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -176,5 +191,6 @@ def publish_sample(partial: Path, run_dir: Path, seed: int) -> Path:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    fsync_path(run_dir)  # the rename itself
     return final
 

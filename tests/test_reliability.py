@@ -399,3 +399,34 @@ def test_a_failed_metadata_write_keeps_the_old_file_and_leaves_no_temporary(tmp_
     assert json.loads(path.read_text()) == {"samples_done": [0]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json"]
     assert path.stat().st_mode & 0o777 == 0o644, "readable like the images beside it"
+
+
+def test_a_sample_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    """Every file of a sample, its folder, and the run folder after the rename are fsync'd, in
+    that order: a machine that dies after the rename leaves a whole sample, not empty files."""
+    import os
+
+    from illusions.views import build_views
+    from orchestrator import output
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(output.os, "fsync", fsync)
+    images = {64: torch.rand(1, 3, 64, 64) * 2 - 1, 256: torch.rand(1, 3, 256, 256) * 2 - 1}
+    run = tmp_path.resolve() / "run"  # as /proc names the files
+    final = output.write_sample(run, 7, build_views(["identity", "flip"]), images,
+                                save_tensors=True, prompts=["a", "b"])
+    partial = str(run / ".0007.partial")
+    files = sorted(p.name for p in final.iterdir())
+    assert files == ["sample_256.png", "sample_256.views.png", "sample_64.png",
+                     "sample_64.views.png", "tensors.safetensors"]
+    assert sorted(synced[:5]) == [f"{partial}/{name}" for name in files]
+    assert synced[5:] == [partial, str(run)]
+    synced.clear()
+    output.write_json_atomic(run / "metadata.json", {"samples_done": [7]})
+    assert len(synced) == 2 and synced[1] == str(run), synced
