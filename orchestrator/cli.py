@@ -394,7 +394,8 @@ def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
         _warn_padding("stage-1", stage1_rows, stage1_multiple, 2 * views * args.batch,
                       f"--batch {args.batch} with {views} views")
         _warn_padding("stage-2", stage2_rows, stage2_multiple, 2 * views * stage2_concurrent,
-                      f"{stage2_concurrent} samples in flight a replica with {views} views")
+                      f"{stage2_concurrent} sample{'s' * (stage2_concurrent > 1)} in flight a "
+                      f"replica with {views} views")
     return [
         LocalServiceSpec("encoder", args.encoder_model or args.stage1_model,
                          str(parse_device(args.encoder_device)),
@@ -491,8 +492,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                   "random_weights": spec.random_weights} for spec in specs}
             written = finished_run(config, models)
             if written is not None:
-                logger.warning("all %d samples of %s are already made: nothing to do (pass "
-                               "--overwrite to make them again)", len(written), config.run_dir)
+                logger.warning("%s: %s made already, nothing to do (pass --overwrite to make "
+                               "again)", config.run_dir, "its sample is" if len(written) == 1
+                               else f"all {len(written)} samples are")
             else:
                 logger.info("local mode: starting the encoder, stage-1 and %d stage-2 service(s)",
                             len(stage2_devices))
