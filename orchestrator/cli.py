@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from illusions.models import (
     DEFAULT_ENCODER_MODEL,
@@ -356,14 +356,18 @@ def _check_batch_multiple(values: list[int], fixed_batch: bool, per_stage: bool 
 
 
 def _warn_padding(stage: str, cap: int, multiple: int, fill: int, source: str) -> None:
-    """Warn when --fixed-batch pads a stage's fullest call (``fill`` rows: all its requests in
-    flight) to at least a third more rows than it holds: padding costs as much as real rows."""
-    padded = min(cap, -(-fill // multiple) * multiple) if multiple else cap
+    """Warn when --fixed-batch pads the fullest step of a stage (``fill`` rows: all its requests
+    in flight, in calls of at most ``cap`` rows) to at least a third more rows than it holds:
+    padding costs as much as real rows."""
+    from illusions.models import padded_rows
+
+    full, rest = divmod(fill, cap)
+    padded = full * cap + (padded_rows(rest, cap, multiple) if rest else 0)
     if padded * 3 >= fill * 4:
         logger.warning(
-            "--fixed-batch pads every %s call to %d rows, but %s fill at most %d: %.0f %% of each "
-            "call is padding, as slow as real rows. Lower --max-batch for that stage to %d, send "
-            "more samples at once (--batch, --parallel), or give --batch-multiple",
+            "--fixed-batch pads %s's calls to %d rows in all, but %s fill at most %d: %.0f %% of "
+            "the rows are padding, as slow as real rows. Give that stage a --max-batch that %d "
+            "fills, send more samples at once (--batch, --parallel), or give --batch-multiple",
             stage, padded, source, fill, 100 * (1 - fill / padded), fill)
 
 
@@ -410,6 +414,20 @@ def local_specs(args: argparse.Namespace) -> list[LocalServiceSpec]:
                          **unet_options, batch_multiple=stage2_multiple)
         for d in stage2_devices
     ]
+
+
+def local_models(specs: Sequence[LocalServiceSpec]) -> dict[str, dict[str, Any]] | None:
+    """The models local mode's services will report, as a run's metadata names them (what
+    ``finished_run`` compares); None when stage-2 replicas differ (one in float16, one in
+    float32, say): which one a run's metadata names is then chance, and only the services can
+    tell."""
+    identities = {(spec.kind, spec.model, spec.dtype, spec.quantize, spec.random_weights)
+                  for spec in specs}
+    if len(identities) != 3:
+        return None
+    return {kind: {"model": model, "dtype": dtype, "quantize": quantize,
+                   "random_weights": random_weights}
+            for kind, model, dtype, quantize, random_weights in identities}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -487,10 +505,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # The run folder is held before the services start, so a second command into it is
         # refused at once; a run whose samples are all made needs no service at all.
         with locked_run_dir(config.run_dir):
-            models = {spec.kind: {"model": spec.model, "dtype": spec.dtype,
-                                  "quantize": spec.quantize,
-                                  "random_weights": spec.random_weights} for spec in specs}
-            written = finished_run(config, models)
+            models = local_models(specs)
+            written = None if models is None else finished_run(config, models)
             if written is not None:
                 logger.warning("%s: %s made already, nothing to do (pass --overwrite to make "
                                "again)", config.run_dir, "its sample is" if len(written) == 1

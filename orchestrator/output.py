@@ -6,6 +6,7 @@ only once everything is there, so an interrupted run never leaves a half-written
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -112,10 +113,14 @@ def views_sheet(image: torch.Tensor, views: Sequence[View],
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file's or a folder's (its entries') writes to disk."""
+    """Flush a file's or a folder's (its entries') writes to disk. Some file systems (network,
+    FUSE) cannot sync a folder: that is skipped, as a folder's sync only hardens a rename."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not (path.is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 

@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import platform
 import re
 import shutil
@@ -92,6 +93,9 @@ def check_config(config: GenerateConfig) -> list[View]:
         raise InvalidInputError(f"--ref-image {config.ref_image} {what}: give an image file")
     views = build_views(config.views, config.view_args or None, view_seed=config.view_seed)
     for folder, flag in ((config.save_dir, "--save-dir"), (config.run_dir, "--name")):
+        if folder.is_symlink() and not folder.exists():
+            raise InvalidInputError(f"{flag}: {folder} is a link to nothing: give a folder for "
+                                    "the results")
         if folder.exists() and not folder.is_dir():
             raise InvalidInputError(f"{flag}: {folder} is a file, not a folder: give a folder for "
                                     "the results")
@@ -193,30 +197,37 @@ class RunBusyError(InvalidInputError):
 
 
 _held_lock = threading.Lock()
-_held: dict[Path, int] = {}  # run folders this process holds, and how many times
+_held: dict[Path, tuple[int, int]] = {}  # run folders held: (holding thread, times held)
+
+
+def _busy(run_dir: Path) -> RunBusyError:
+    return RunBusyError(
+        f"another `illusion generate` is writing into {run_dir}: wait for it to finish (running "
+        "the same command then resumes it), or pick another --name"
+    )
 
 
 @contextmanager
 def locked_run_dir(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir`` (created if need be) for this process: a second ``generate`` process into
-    the same folder, which would replace the first one's half-written samples, gets
-    :class:`RunBusyError` instead. The lock (``flock`` on ``run_dir/.lock``) goes with the
-    process, however it ends. Within one process the hold nests (local mode holds the folder
-    while its services start, and ``generate`` again inside). A folder this call created and left
-    empty is removed again."""
-    key = run_dir.resolve()
+    """Hold ``run_dir`` (created if need be): a second ``generate`` into the same folder, in
+    another process or another thread, which would replace the first one's half-written
+    samples, gets :class:`RunBusyError` instead. The lock (``flock`` on ``run_dir/.lock``) goes
+    with the process, however it ends. The thread that holds the folder may hold it again
+    (local mode holds it while its services start, and ``generate`` again inside). A folder
+    this call created and left empty is removed again."""
+    key, me = run_dir.resolve(), threading.get_ident()
     with _held_lock:
-        if key in _held:
-            _held[key] += 1
-            nested = True
-        else:
-            nested = False
-    if nested:
+        holder, times = _held.get(key, (me, 0))
+        if holder != me:
+            raise _busy(run_dir)
+        if times:
+            _held[key] = (me, times + 1)
+    if times:
         try:
             yield
         finally:
             with _held_lock:
-                _held[key] -= 1
+                _held[key] = (me, _held[key][1] - 1)
         return
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -224,13 +235,16 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
     with open(lock_path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunBusyError(
-                f"another `illusion generate` is writing into {run_dir}: wait for it to finish "
-                "(running the same command then resumes it), or pick another --name"
-            ) from None
+            # The holder before us may have removed the folder it made (below) after we opened
+            # its lock file: then ours is a lock on nothing.
+            if os.fstat(handle.fileno()).st_ino != os.stat(lock_path).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            raise _busy(run_dir) from None
         with _held_lock:
-            _held[key] = 1
+            if key in _held:  # another thread got here first
+                raise _busy(run_dir)
+            _held[key] = (me, 1)
         try:
             yield
         finally:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -401,15 +402,38 @@ def test_local_mode_warns_when_padding_fills_calls(caplog: pytest.LogCaptureFixt
 
     fixed = ("--fixed-batch", "--max-batch", "64", "16")
     (message,) = warnings("--batch", "8", *fixed)
-    assert "every stage-1 call to 64 rows, but --batch 8 with 2 views fill at most 32" in message
-    assert "50 % of each call is padding" in message and "--max-batch for that stage to 32" in message
+    assert "pads stage-1's calls to 64 rows in all, but --batch 8 with 2 views fill at most 32" \
+        in message
+    assert "50 % of the rows are padding" in message and "a --max-batch that 32 fills" in message
     assert warnings("--batch", "16", *fixed) == []  # 16 samples x 2 views x 2 = 64 rows
     assert warnings("--batch", "8", *fixed, "--batch-multiple", "32", "4") == []  # padded to 32
     assert warnings("--batch", "8", "--max-batch", "64", "16") == []  # no padding at all
     (message,) = warnings("--batch", "2", "--fixed-batch", "--max-batch", "8", "16")
-    assert "every stage-2 call to 16 rows, but 2 samples in flight a replica" in message
+    assert "pads stage-2's calls to 16 rows in all, but 2 samples in flight a replica" in message
+    # 20 rows in flight in calls of at most 16: one full call, then 4 rows padded to 16.
+    (message,) = warnings("--batch", "5", "--fixed-batch", "--max-batch", "20", "16")
+    assert "stage-2's calls to 32 rows in all" in message and "at most 20: 38 %" in message
+    assert warnings("--batch", "5", "--fixed-batch", "--max-batch", "20", "16",
+                    "--batch-multiple", "0", "4") == []
     assert warnings("--batch", "2", "--fixed-batch", "--max-batch", "8", "16",
                     "--batch-multiple", "0", "4") == []
+
+
+def test_local_models_are_what_a_rerun_compares():
+    """local_models: the three services' models as metadata names them, or None when stage-2
+    replicas differ (then only the services can say which one a run's metadata names)."""
+    from orchestrator.cli import build_parser, local_models, local_specs
+
+    args = build_parser().parse_args(["generate", "--prompts", "a", "b", "--views", "identity",
+                                      "flip", "--device", "cpu", "--stage2-devices", "cpu", "cpu",
+                                      "--stage2-model", "some/IF-II"])
+    specs = local_specs(args)
+    models = local_models(specs)
+    assert models is not None and sorted(models) == ["encoder", "stage1", "stage2"]
+    assert models["stage2"] == {"model": "some/IF-II", "dtype": "float32", "quantize": "none",
+                                "random_weights": False}
+    specs[-1] = replace(specs[-1], dtype="float16")
+    assert local_models(specs) is None
 
 
 def test_local_mode_batch_multiple_per_stage():

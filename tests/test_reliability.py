@@ -177,7 +177,7 @@ def test_a_second_process_on_one_run_folder_is_refused(services, tmp_path):
 def test_a_finished_run_is_found_without_services(services, tmp_path):
     """finished_run (local mode asks it before starting any service) finds a run whose samples are
     all made by the same command and models, and nothing else."""
-    from orchestrator.pipeline import finished_run, locked_run_dir
+    from orchestrator.pipeline import RunBusyError, finished_run, locked_run_dir
 
     config = job(tmp_path, num_samples=2, save_tensors=False)
     with CountingClient(services) as client:
@@ -194,9 +194,24 @@ def test_a_finished_run_is_found_without_services(services, tmp_path):
                            (replace(config, style="an oil painting of"), models),
                            (replace(config, name="elsewhere"), models)):
         assert finished_run(changed, given) is None, changed
-    # The hold nests within one process; a folder it made and left empty goes again.
+    # The holding thread may hold the folder again; another thread is refused meanwhile.
+    refused: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            with locked_run_dir(config.run_dir):
+                pass
+        except RunBusyError as exc:
+            refused.append(exc)
+
     with locked_run_dir(config.run_dir), locked_run_dir(config.run_dir):
-        pass
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert len(refused) == 1
+    other_thread()  # free again
+    assert len(refused) == 1
+    # A folder it made and left empty goes again.
     fresh = tmp_path / "never-used"
     with locked_run_dir(fresh):
         assert fresh.is_dir()
@@ -216,6 +231,9 @@ def test_save_dir_that_is_a_file_is_one_sentence(tmp_path):
     (tmp_path / "run").write_text("not a folder")
     with pytest.raises(InvalidInputError, match="--name: .*run is a file, not a folder"):
         check_config(job(tmp_path))
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(InvalidInputError, match="--save-dir: .*gone is a link to nothing"):
+        check_config(job(tmp_path / "gone"))
 
 
 def test_a_run_that_made_no_sample_does_not_hold_its_folder(services, tmp_path):
