@@ -213,8 +213,8 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
     another process or another thread, which would replace the first one's half-written
     samples, gets :class:`RunBusyError` instead. The lock (``flock`` on ``run_dir/.lock``) goes
     with the process, however it ends. The thread that holds the folder may hold it again
-    (local mode holds it while its services start, and ``generate`` again inside). A folder
-    this call created and left empty is removed again."""
+    (local mode holds it while its services start, and ``generate`` again inside). Folders
+    this call created and left empty are removed again."""
     key, me = run_dir.resolve(), threading.get_ident()
     with _held_lock:
         holder, times = _held.get(key, (me, 0))
@@ -229,7 +229,7 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
             with _held_lock:
                 _held[key] = (me, _held[key][1] - 1)
         return
-    created = not run_dir.exists()
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir / ".lock"
     with open(lock_path, "a") as handle:
@@ -253,8 +253,9 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
             if created and [p.name for p in run_dir.iterdir()] == [".lock"]:
                 lock_path.unlink()  # while still held: no other process got in
                 try:
-                    run_dir.rmdir()
-                except OSError:  # another process has just created its own lock there
+                    for folder in created:  # with the folders above it that it made
+                        folder.rmdir()
+                except OSError:  # not empty: another process has just made its lock there
                     pass
 
 

@@ -212,10 +212,14 @@ def test_a_finished_run_is_found_without_services(services, tmp_path):
     other_thread()  # free again
     assert len(refused) == 1
     # A folder it made and left empty goes again.
-    fresh = tmp_path / "never-used"
+    fresh = tmp_path / "results" / "never-used"
     with locked_run_dir(fresh):
         assert fresh.is_dir()
-    assert not fresh.exists()
+    assert not (tmp_path / "results").exists()
+    (tmp_path / "results").mkdir()
+    with locked_run_dir(fresh):
+        (tmp_path / "results" / "other-run").mkdir()  # the folder above fills meanwhile
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["other-run"]
     with locked_run_dir(config.run_dir):
         pass
     assert (config.run_dir / ".lock").is_file() and done_in(config.run_dir) == [0, 1]
