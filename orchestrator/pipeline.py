@@ -60,6 +60,11 @@ class GenerateConfig:
         return Path(self.save_dir) / self.run_name
 
     @property
+    def seeds(self) -> list[int]:
+        """Sample i of the run uses seed ``seed + i``."""
+        return [self.seed + i for i in range(self.num_samples)]
+
+    @property
     def run_name(self) -> str:
         if self.name:
             return self.name
@@ -147,6 +152,15 @@ def finished_samples(run_dir: Path, save_tensors: bool) -> list[int]:
     )
 
 
+def read_metadata(run_dir: Path) -> dict[str, Any]:
+    """A run folder's ``metadata.json``; OSError or ValueError when it cannot be read as a JSON
+    object."""
+    meta = json.loads((run_dir / "metadata.json").read_text())
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    return meta
+
+
 def check_run_dir(config: GenerateConfig, meta: dict[str, Any]) -> None:
     """Refuse to mix two different runs in one folder.
 
@@ -165,9 +179,7 @@ def check_run_dir(config: GenerateConfig, meta: dict[str, Any]) -> None:
     if not has_samples:
         return  # a run that ended before its first sample (e.g. refused): nothing to mix with
     try:
-        old = json.loads(path.read_text())
-        if not isinstance(old, dict):
-            raise ValueError("not a JSON object")
+        old = read_metadata(run_dir)
     except (OSError, ValueError) as exc:
         raise RunMismatchError(f"{path} cannot be read ({exc}): {fix}") from None
     mine, theirs = job_identity(meta), job_identity(old)
@@ -267,17 +279,16 @@ def finished_run(config: GenerateConfig, models: dict[str, dict[str, Any]]) -> l
     if config.overwrite:
         return None
     try:
-        old = json.loads((config.run_dir / "metadata.json").read_text())
+        old = read_metadata(config.run_dir)
     except (OSError, ValueError):
         return None
     mine = _metadata(config, style_prompts(config.prompts, config.style), None, [])
     mine["models"] = models
-    if not isinstance(old, dict) or job_identity(mine) != job_identity(old):
+    if job_identity(mine) != job_identity(old):
         return None
-    seeds = [config.seed + i for i in range(config.num_samples)]
-    if not set(seeds) <= set(finished_samples(config.run_dir, config.save_tensors)):
+    if not set(config.seeds) <= set(finished_samples(config.run_dir, config.save_tensors)):
         return None
-    return [sample_dir(config.run_dir, seed) for seed in seeds]
+    return [sample_dir(config.run_dir, seed) for seed in config.seeds]
 
 
 def load_ref_image(path: Path) -> torch.Tensor:
@@ -366,7 +377,7 @@ def _generate(config: GenerateConfig, client: CascadeClient, views: list[View],
         check_run_dir(config, _metadata(config, prompts, models, []))
     run_dir.mkdir(parents=True, exist_ok=True)
     done = finished_samples(run_dir, config.save_tensors)
-    seeds = [config.seed + i for i in range(config.num_samples)]
+    seeds = config.seeds
     todo = [seed for seed in seeds if seed not in done]
     if len(todo) < len(seeds):
         logger.info("resuming %s: %d of %d samples already done", run_dir,
