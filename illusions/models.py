@@ -26,6 +26,12 @@ from typing import Any, Literal
 import torch
 
 logger = logging.getLogger(__name__)
+# diffusers and transformers import bitsandbytes whenever it is installed; on CPUs with AVX-512
+# BF16 it then warns at every start that an optional faster CPU 4-bit kernel needs `pip install
+# kernels`. Without it bitsandbytes uses its own CPU code, and nothing here quantizes unless asked:
+# the line only alarms, so it is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage())
 
 DEFAULT_STAGE1_MODEL = "DeepFloyd/IF-I-M-v1.0"
 DEFAULT_STAGE2_MODEL = "DeepFloyd/IF-II-M-v1.0"

@@ -77,9 +77,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder-dtype", default="float32",
                         help="dtype of the T5 encoder (default float32; bfloat16 halves memory)")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
-                        help="load the UNets in 8 or 4 bits (bitsandbytes)")
+                        help="UNet weights in 8 or 4 bits: 8bit or 4bit with bitsandbytes (CUDA), "
+                             "int8 with optimum-quanto")
     parser.add_argument("--encoder-quantize", default="none", choices=QUANTIZE_CHOICES,
-                        help="load T5 in 8 or 4 bits (bitsandbytes)")
+                        help="load T5 in 8 or 4 bits (choices as --quantize)")
     parser.add_argument("--random-weights", action="store_true",
                         help="models are config directories: random weights (benchmarks)")
     parser.add_argument("--max-batch", type=int, nargs="+", default=[0], metavar="N",
@@ -179,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="cpu")
     srv.add_argument("--dtype", default="auto",
                      help="float16, bfloat16 or float32 (default: float16 on GPU, else float32)")
-    srv.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES)
+    srv.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                     help="8bit or 4bit weights with bitsandbytes (CUDA), int8 with optimum-quanto")
     srv.add_argument("--random-weights", action="store_true",
                      help="--model is a config directory: build the model with random weights")
     srv.add_argument("--no-cuda-graphs", action="store_true",
@@ -430,6 +432,31 @@ def local_models(specs: Sequence[LocalServiceSpec]) -> dict[str, dict[str, Any]]
             for kind, model, dtype, quantize, random_weights in identities}
 
 
+# generate's options that configure the services local mode starts, and where each is set for a
+# remote service instead.
+LOCAL_ONLY_OPTIONS = {
+    "stage1_model": "stage1 --model", "stage2_model": "stage2 --model",
+    "encoder_model": "encoder --model", "device": "stage1|stage2 --device",
+    "encoder_device": "encoder --device", "dtype": "stage1|stage2 --dtype",
+    "encoder_dtype": "encoder --dtype", "quantize": "stage1|stage2 --quantize",
+    "encoder_quantize": "encoder --quantize", "random_weights": "... --random-weights",
+    "max_batch": "stage1|stage2 --max-batch", "compile": "... --compile",
+    "fixed_batch": "... --fixed-batch", "batch_multiple": "... --batch-multiple",
+}
+
+
+def _refuse_local_options(args: argparse.Namespace) -> None:
+    """Remote mode: a local-mode option given would be ignored, so it is refused instead."""
+    defaults = build_parser().parse_args(["generate", "--prompts", "p", "--views", "identity"])
+    for dest, where in LOCAL_ONLY_OPTIONS.items():
+        if getattr(args, dest) != getattr(defaults, dest):
+            flag = "--" + dest.replace("_", "-")
+            raise InvalidInputError(
+                f"{flag} applies to local mode; remote services are set up where they start: "
+                f"`illusion serve {where}` instead"
+            )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from orchestrator.client import CascadeClient
     from orchestrator.local import LocalServices
@@ -459,6 +486,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--parallel {args.parallel}: use 1 or more (0: automatic)")
     if args.batch < 1:
         raise InvalidInputError(f"--batch {args.batch}: use 1 or more")
+    if not args.timeout > 0:
+        raise InvalidInputError(f"--timeout {args.timeout}: use more than 0 seconds (the deadline "
+                                "of each service call)")
     if args.retry_timeout < 0:
         raise InvalidInputError(f"--retry-timeout {args.retry_timeout}: use 0 or more seconds")
     check_config(config)  # fail fast, before any service starts
@@ -475,13 +505,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "--stage2-devices starts local replicas; with remote services list their "
                 "addresses in --stage2 instead"
             )
-        for name, given in (("--compile", args.compile), ("--fixed-batch", args.fixed_batch),
-                            ("--batch-multiple", any(args.batch_multiple))):
-            if given:
-                raise InvalidInputError(
-                    f"{name} applies to local mode; start remote stage services with "
-                    f"`illusion serve ... {name}` instead"
-                )
+        _refuse_local_options(args)
         security = client_security(args)
         with CascadeClient(args.encoder, args.stage1, args.stage2, timeout=args.timeout,
                            retry_timeout=args.retry_timeout, security=security) as client:

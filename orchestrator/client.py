@@ -50,13 +50,15 @@ def grpc_target(addresses: str) -> str:
     parts = [a.strip() for a in addresses.split(",") if a.strip()]
     if not parts:
         raise ValueError("empty service address: use host:port")
-    if len(parts) == 1:
-        return parts[0]
     hosts = []
     for part in parts:
         host, sep, port = part.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"address {part!r} has no port: use host:port")
+        if not sep or not port.isdigit() or not host.strip("[]"):
+            raise ValueError(f"address {part!r} is not host:port: give e.g. 10.0.0.7:50052")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"address {part!r}: the port must be 1 .. 65535")
+        if len(parts) == 1:
+            return part
         host = host.strip("[]")
         if host == "localhost":
             host = "127.0.0.1"
@@ -150,6 +152,7 @@ def _translate(service: str, address: str, error: grpc.RpcError, timeout: float 
 
 
 DEFAULT_RETRY_TIMEOUT = 120.0  # seconds to wait for a lost service to come back
+MIN_FIRST_ANSWER_S = 10.0  # how long the first health check waits for any answer
 MAX_ATTEMPTS = 5  # tries of one call that keeps losing its replica
 MAX_OVERLOAD_DELAY = 10.0  # longest single back-off after RESOURCE_EXHAUSTED, seconds
 
@@ -178,23 +181,68 @@ class _Service:
     metadata: tuple[tuple[str, str], ...] = ()
 
     def check(self, timeout: float) -> None:
-        """Health check; waits up to ``timeout`` for the service to come up and be SERVING."""
+        """Wait until the service answers SERVING: up to ``timeout`` seconds while it is up but
+        still loading its model, and up to ``MIN_FIRST_ANSWER_S`` of those (at least one) for a
+        first answer at all (a service just started, a slow network).
+
+        A server there that is another service is named at once.
+        """
         stub = health_pb2_grpc.HealthStub(self.channel)
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAMES[self.name])
-        try:
-            reply = stub.Check(request, timeout=timeout, wait_for_ready=True,
-                               metadata=self.metadata)
-        except grpc.RpcError as err:
-            if err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+        connect = min(max(timeout, 1.0), MIN_FIRST_ANSWER_S)
+        deadline = time.monotonic() + max(timeout, connect)
+        call_timeout, waiting_logged = connect, False
+        while True:
+            try:
+                reply = stub.Check(request, timeout=call_timeout, wait_for_ready=True,
+                                   metadata=self.metadata)
+            except grpc.RpcError as err:
+                raise self._first_answer_error(err, connect) from None
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            if time.monotonic() >= deadline:
                 raise ServiceError(
-                    f"{self.name} at {self.address} does not answer (waited {timeout:.0f} s): "
-                    "check the address, that the service is running and, with TLS, --tls-ca and "
-                    "the client certificate",
-                    err.code(),
-                ) from None
-            raise _translate(self.name, self.address, err, timeout) from None
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            raise ServiceError(f"{self.name} at {self.address} is not serving yet (still loading)")
+                    f"{self.name} at {self.address} is still loading its model after "
+                    f"{max(timeout, connect):.0f} s: wait for its `serving ...` line, or raise "
+                    "--retry-timeout",
+                    grpc.StatusCode.UNAVAILABLE,
+                )
+            if not waiting_logged:
+                logger.warning("%s at %s is loading its model; waiting up to %.0f s "
+                               "(--retry-timeout)", self.name, self.address, max(timeout, connect))
+                waiting_logged = True
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            call_timeout = 30.0  # it answered once: a later answer is a matter of moments
+
+    def _first_answer_error(self, err: grpc.RpcError, waited: float) -> ServiceError:
+        code = err.code()
+        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+            return self._wrong_service(code)
+        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            return ServiceError(
+                f"{self.name} at {self.address} does not answer (waited {waited:.0f} s): check the "
+                "address, that the service is running and, with TLS, --tls-ca and the client "
+                "certificate", code)
+        return _translate(self.name, self.address, err, waited)
+
+    def _wrong_service(self, code: grpc.StatusCode) -> ServiceError:
+        """The server at the address has no ``self.name`` service: name the one it has."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        found = None
+        for kind, service in SERVICE_NAMES.items():
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5.0,
+                           metadata=self.metadata)
+            except grpc.RpcError:
+                continue
+            found = kind
+            break
+        flag = f"--{self.name}"
+        if found is not None:
+            return ServiceError(f"{self.name} at {self.address} answers as the {found} service, "
+                                f"not as {self.name}: check {flag} (and --{found})", code)
+        return ServiceError(f"{self.name} at {self.address} is a gRPC server but not an illusion "
+                            f"{self.name} service: check {flag}", code)
 
     def wait_until_serving(self, budget: float, lost: str) -> None:
         """Wait up to ``budget`` seconds until some replica answers SERVING.
@@ -245,10 +293,14 @@ class CascadeClient:
         if self.security.token and not self.security.tls:
             logger.warning("the bearer token travels unencrypted: add --tls-ca unless the network "
                            "is private")
-        self.services = {
-            name: _Service(name, address, open_channel(address, self.security), self.metadata)
-            for name, address in (("encoder", encoder), ("stage1", stage1), ("stage2", stage2))
-        }
+        self.services: dict[str, _Service] = {}
+        for name, address in (("encoder", encoder), ("stage1", stage1), ("stage2", stage2)):
+            try:
+                channel = open_channel(address, self.security)
+            except ValueError as exc:
+                self.close()
+                raise ValueError(f"--{name} {address}: {exc}") from None
+            self.services[name] = _Service(name, address, channel, self.metadata)
         self._encoder = pb_grpc.EncoderStub(self.services["encoder"].channel)
         self._stage1 = pb_grpc.Stage1Stub(self.services["stage1"].channel)
         self._stage2 = pb_grpc.Stage2Stub(self.services["stage2"].channel)
@@ -264,9 +316,11 @@ class CascadeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def check(self, timeout: float = 10.0) -> None:
+    def check(self, timeout: float | None = None) -> None:
+        """Every service answers SERVING; waits up to ``timeout`` (default ``retry_timeout``)
+        for one that is still loading its model."""
         for service in self.services.values():
-            service.check(timeout)
+            service.check(self.retry_timeout if timeout is None else timeout)
 
     def _with_retries(self, name: str, attempt: Callable[[], T], timeout: float) -> T:
         """Run ``attempt()`` (one RPC), repeating it after lost replicas and overload."""

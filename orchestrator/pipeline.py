@@ -66,9 +66,28 @@ class GenerateConfig:
 
     @property
     def run_name(self) -> str:
+        """``--name``, else the views and each prompt's last word (``flip.rabbit.duck``), with
+        anything but letters, digits, ``_``, ``.`` and ``-`` replaced by ``_`` so the name stays
+        one folder (a prompt ending in "AC/DC" makes no sub-folder)."""
         if self.name:
             return self.name
-        return ".".join([*self.views, *(p.split()[-1] for p in self.prompts)])[:120]
+        words = [_folder_safe(p.split()[-1]) if p.split() else "blank" for p in self.prompts]
+        return ".".join([*self.views, *words])[:120]
+
+
+def _folder_safe(word: str) -> str:
+    return re.sub(r"[^\w.-]", "_", word)
+
+
+def check_run_name(name: str) -> None:
+    """``--name`` is one folder inside ``--save-dir``: no separators, not ``.`` or ``..``."""
+    if not name:
+        return
+    if name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+        raise InvalidInputError(
+            f"--name {name!r}: give one folder name, without '/' and not '.' or '..' (the run "
+            "goes into --save-dir/NAME; choose where with --save-dir)"
+        )
 
 
 def check_config(config: GenerateConfig) -> list[View]:
@@ -97,6 +116,7 @@ def check_config(config: GenerateConfig) -> list[View]:
         what = "is a folder" if Path(config.ref_image).is_dir() else "does not exist"
         raise InvalidInputError(f"--ref-image {config.ref_image} {what}: give an image file")
     views = build_views(config.views, config.view_args or None, view_seed=config.view_seed)
+    check_run_name(config.name)
     for folder, flag in ((config.save_dir, "--save-dir"), (config.run_dir, "--name")):
         if folder.is_symlink() and not folder.exists():
             raise InvalidInputError(f"{flag}: {folder} is a link to nothing: give a folder for "

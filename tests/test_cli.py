@@ -156,6 +156,14 @@ def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
          ["--ref-image . is a folder: give an image file"]),
         (["--prompts", "a", "b", "--views", "identity", "jigsaw", "--view-args", "", "grid=3"],
          ["jigsaw grid must divide 64", "use one of [2, 4, 8, 16, 32, 64]"]),
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--name", "../escape"],
+         ["--name '../escape': give one folder name, without '/'", "choose where with --save-dir"]),
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--name", "a/b"],
+         ["--name 'a/b': give one folder name"]),
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--name", ".."],
+         ["--name '..': give one folder name"]),
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--timeout", "0"],
+         ["--timeout 0.0: use more than 0 seconds"]),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, capsys, args, expected):
@@ -177,6 +185,16 @@ def test_unanswering_address_is_named(tmp_path):
                       "--stage2", "127.0.0.1:9", "--save-dir", str(tmp_path), timeout=120)
     assert result.returncode == 1
     assert "encoder at 127.0.0.1:9 does not answer" in _one_error_line(result)
+
+
+def test_bind_failure_is_one_line_without_grpc_log_lines():
+    result = illusion("serve", "stage1", "--model", str(STAGE1_DIR), "--host", "192.0.2.1",
+                      "--port", "5000", timeout=120)
+    assert result.returncode == 1
+    assert _one_error_line(result) == (
+        "error: could not bind 192.0.2.1:5000: 192.0.2.1 is not an address of this machine: use "
+        "--host 127.0.0.1, 0.0.0.0 or one of its addresses")
+    assert "add_port" not in result.stderr, result.stderr  # gRPC's own log line
 
 
 class _GatedHub(http.server.BaseHTTPRequestHandler):
@@ -339,6 +357,34 @@ def test_option_combinations_that_cannot_work_are_refused_before_anything_starts
     assert main(["serve", "stage2", "--fixed-batch", "--max-batch", "16", "--batch-multiple",
                  "-4"]) == 2
     assert "--batch-multiple -4: give one number, 0 (pad to --max-batch)" in capsys.readouterr().err
+    # Server settings that would bind another port, or report SERVING and hang every call.
+    assert main(["serve", "stage1", "--port", "70000"]) == 2
+    assert "--port 70000: use 1 .. 65535, or 0 to pick a free port" in capsys.readouterr().err
+    assert main(["serve", "stage2", "--max-concurrent", "0"]) == 2
+    assert "--max-concurrent 0: use 1 or more" in capsys.readouterr().err
+    # Options of the services local mode starts would be ignored with remote services.
+    for option, where in ((["--dtype", "float16"], "illusion serve stage1|stage2 --dtype"),
+                          (["--stage2-model", "m"], "illusion serve stage2 --model"),
+                          (["--max-batch", "8"], "illusion serve stage1|stage2 --max-batch"),
+                          (["--encoder-device", "cuda"], "illusion serve encoder --device")):
+        assert main([*remote, *option]) == 2
+        err = capsys.readouterr().err
+        assert f"{option[0]} applies to local mode" in err and where in err, err
+
+
+def test_default_run_name_is_one_folder(tmp_path):
+    """The default name takes each prompt's last word: an empty prompt has none, and a word with
+    a '/' would make a sub-folder."""
+    from orchestrator.pipeline import GenerateConfig, check_config
+
+    config = GenerateConfig(prompts=("", "a poster of AC/DC"), views=("identity", "flip"),
+                            save_dir=tmp_path)
+    assert config.run_name == "identity.flip.blank.AC_DC"
+    assert config.run_dir == tmp_path / "identity.flip.blank.AC_DC"
+    check_config(config)
+    unchanged = GenerateConfig(prompts=("an oil painting of a rabbit", "a platypus, duck-billed"),
+                               views=("identity", "rotate_cw"))
+    assert unchanged.run_name == "identity.rotate_cw.rabbit.duck-billed"
 
 
 def test_local_mode_services_for_fixed_batch_and_compile():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import STAGE1_DIR, STAGE2_DIR
@@ -252,3 +254,17 @@ def test_concurrent_tokenizing_gives_every_caller_its_own_ids(text_encoder):
         results = list(pool.map(tokenize, range(800)))
     assert all(ids.shape[-1] == 77 for ids, _ in expected)
     assert all(results), f"{results.count(False)} of {len(results)} calls got other ids"
+
+
+def test_bitsandbytes_kernels_hint_is_dropped_and_its_other_lines_kept():
+    """bitsandbytes warns at every import, on CPUs with AVX-512 BF16, that an optional CPU kernel
+    needs `pip install kernels`; that one line is dropped, its other warnings are not."""
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(message: str) -> logging.LogRecord:
+        return bnb.makeRecord(bnb.name, logging.WARNING, __file__, 1, message, (), None)
+
+    assert not bnb.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: "
+                                 "No module named 'kernels'. Please make sure you already `pip "
+                                 "install kernels` and the kernels >= 0.11.1"))
+    assert bnb.filter(record("some other bitsandbytes warning"))

@@ -298,7 +298,116 @@ def test_a_port_in_use_is_an_error_not_a_shared_port():
     first, port = create_server("127.0.0.1:0")
     first.start()
     try:
-        with pytest.raises(OSError, match=f"could not bind 127.0.0.1:{port}: is the port in use"):
+        with pytest.raises(OSError, match=f"could not bind 127.0.0.1:{port}: port {port} is in "
+                                          "use: choose another --port, or 0 for a free one"):
             create_server(f"127.0.0.1:{port}")
     finally:
         first.stop(None)
+
+
+@pytest.mark.parametrize(("host", "reason"), [
+    ("192.0.2.1", "192.0.2.1 is not an address of this machine: use --host 127.0.0.1"),
+    ("no-such-host.invalid", "the host 'no-such-host.invalid' does not resolve"),
+])
+def test_a_bind_failure_says_why(host, reason):
+    from services.common.server import create_server
+
+    with pytest.raises(OSError, match=f"could not bind {host}:5000: {reason}"):
+        create_server(f"{host}:5000")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"port": 70000}, "--port 70000: use 1 .. 65535, or 0 to pick a free port"),
+    ({"port": -1}, "--port -1: use 1 .. 65535"),
+    ({"max_concurrent": 0}, "--max-concurrent 0: use 1 or more"),
+    ({"max_queue": -1}, "--max-queue -1: use 0 or more"),
+    ({"max_batch": -3}, "--max-batch -3: use 0 or more"),
+    ({"batch_multiple": -4}, "--batch-multiple -4: use 0 or more"),
+])
+def test_server_settings_that_cannot_work_are_refused(options, message):
+    """A port beyond 65535 would wrap around to another one; no request slot would report SERVING
+    and hang every call; a negative row bound would fail only at the first call."""
+    with pytest.raises(ValueError, match=message):
+        ServerConfig(service="stage1", model="m", **options)
+
+
+def test_an_address_of_another_service_is_named(services):
+    with CascadeClient(services["stage1"], services["stage1"], services["stage2"]) as client:
+        with pytest.raises(ServiceError) as info:
+            client.check()
+    assert str(info.value) == (f"encoder at {services['stage1']} answers as the stage1 service, "
+                               "not as encoder: check --encoder (and --stage1)")
+
+
+def test_an_address_of_a_foreign_grpc_server_is_named():
+    """A gRPC server with a health service but none of ours (another team's service, say)."""
+    from grpc_health.v1 import health
+
+    from services.common.server import create_server
+
+    server, port = create_server("127.0.0.1:0")
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        with CascadeClient(address, address, address) as client:
+            with pytest.raises(ServiceError, match=f"encoder at {address} is a gRPC server but "
+                                                   "not an illusion encoder service: check "
+                                                   "--encoder"):
+                client.check()
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize(("address", "message"), [
+    ("localhost", "--stage2 localhost: address 'localhost' is not host:port"),
+    (":5000", "address ':5000' is not host:port"),
+    ("127.0.0.1:70000", "address '127.0.0.1:70000': the port must be 1 .. 65535"),
+    ("127.0.0.1:1,10.0.0.2", "address '10.0.0.2' is not host:port"),
+])
+def test_malformed_addresses_are_refused_before_connecting(address, message):
+    with pytest.raises(ValueError, match=message):
+        CascadeClient("127.0.0.1:1", "127.0.0.1:2", address)
+
+
+def test_first_check_waits_for_a_service_still_loading(caplog):
+    """A service that is up but still loading its model (NOT_SERVING) is waited for, up to the
+    client's retry_timeout; one that does not finish loading in time is named as loading."""
+    import socket
+
+    from services.common.server import serve
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    loaded, stop, ready = threading.Event(), threading.Event(), threading.Event()
+
+    def load() -> pb.ModelInfo:
+        loaded.wait(60)
+        return pb.ModelInfo(service="encoder")
+
+    thread = threading.Thread(target=serve, daemon=True, args=(
+        ServerConfig(service="encoder", model="slow", port=port, grace_s=0.5), lambda _: None,
+        load, lambda _: ready.set(), stop))
+    thread.start()
+    address = f"127.0.0.1:{port}"
+    for _ in range(300):  # until the server has bound its port (it does so before loading)
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    try:
+        service = CascadeClient(address, address, address, retry_timeout=1).services["encoder"]
+        with pytest.raises(ServiceError, match=f"encoder at {address} is still loading its model "
+                                               "after 1 s: wait for its `serving ...` line, or "
+                                               "raise --retry-timeout"):
+            service.check(1.0)
+        threading.Timer(1.0, loaded.set).start()
+        with caplog.at_level(logging.WARNING, logger="orchestrator.client"):
+            service.check(60.0)  # returns once the model is loaded
+        assert ready.is_set()
+        assert "is loading its model; waiting up to 60 s (--retry-timeout)" in caplog.text
+    finally:
+        loaded.set()
+        stop.set()
+        thread.join(10)

@@ -4,11 +4,13 @@ streaming progress from a worker thread, start-up (load, warm up, then SERVING) 
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -23,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from anagram.v1 import anagram_pb2 as pb
-from illusions.sampling import SamplingCancelled
+from illusions.sampling import InvalidInputError, SamplingCancelled
 from services.common.errors import NotReady, ServiceOverloaded
 from services.common.security import ServerSecurity
 
@@ -79,6 +81,22 @@ class ServerConfig:
     parent_pid: int | None = None  # local mode: exit when this process goes away
     security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS, token (none: plain)
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger requests get RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        """Settings that cannot work are refused here, before the model loads: a port beyond
+        65535 would wrap around to another one, and no request slot (``max_concurrent`` 0)
+        would report SERVING and then hang every call."""
+        if not 0 <= self.port <= 65535:
+            raise InvalidInputError(f"--port {self.port}: use 1 .. 65535, or 0 to pick a free "
+                                    "port")
+        for flag, value, low, meaning in (
+            ("--max-concurrent", self.max_concurrent, 1, "requests sampled at once"),
+            ("--max-queue", self.max_queue, 0, "calls that may wait; 0: refuse when busy"),
+            ("--max-batch", self.max_batch, 0, "most rows per UNet call; 0: all at once"),
+            ("--batch-multiple", self.batch_multiple, 0, "0: pad to --max-batch"),
+        ):
+            if value < low:
+                raise InvalidInputError(f"{flag} {value}: use {low} or more ({meaning})")
 
 
 class RequestDecodeErrors(grpc.ServerInterceptor):
@@ -143,12 +161,40 @@ def create_server(address: str, max_workers: int = 16, security: ServerSecurity 
     else:
         try:
             port = server.add_secure_port(address, credentials)
-        except RuntimeError:  # gRPC says only "Failed to bind"; a bad certificate is likelier
-            raise OSError(f"could not bind {address} with TLS: is the port in use, and are the "
-                          "certificate and key valid PEM that belong together?") from None
+        except RuntimeError:  # gRPC says only "Failed to bind"
+            problem = bind_problem(address)
+            raise OSError(f"could not bind {address} with TLS: "
+                          f"{problem or 'are the certificate and key valid PEM that belong together?'}"
+                          ) from None
     if port == 0:
-        raise OSError(f"could not bind {address}: is the port in use?")
+        raise OSError(f"could not bind {address}: {bind_problem(address) or 'is the port in use?'}")
     return server, port
+
+
+def bind_problem(address: str) -> str | None:
+    """Why ``host:port`` cannot be bound, found by binding a plain socket there (gRPC reports
+    only that it failed); None when a plain socket binds."""
+    host, _, port_text = address.rpartition(":")
+    host, port = host.strip("[]"), int(port_text)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return (f"the host {host!r} does not resolve ({exc.strerror}): give --host an address of "
+                "this machine, e.g. 127.0.0.1 or 0.0.0.0")
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} is in use: choose another --port, or 0 for a free one"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return (f"{host} is not an address of this machine: use --host 127.0.0.1, "
+                        "0.0.0.0 or one of its addresses")
+            if exc.errno == errno.EACCES:
+                return f"port {port} needs privileges here: use a port above 1023"
+            return exc.strerror or str(exc)
+    return None
 
 
 class Admission:
