@@ -293,6 +293,11 @@ class SharedSteps:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def pending_rows(self) -> int:
+        """Rows waiting for a UNet call, over all jobs."""
+        return sum(call.rows - sum(out.shape[0] for out in self._done_rows.get(key, ()))
+                   for key, call in self._pending.items())
+
     def add(self, job: DenoiseJob, done: Callable[[torch.Tensor | BaseException], None]) -> None:
         """Start ``job`` (runs it up to its first UNet call); ``done`` gets its image or exception."""
         key, self._next_key = self._next_key, self._next_key + 1

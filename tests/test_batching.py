@@ -3,6 +3,8 @@ result equals the sample run alone (up to the float rounding of a larger batch).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -256,6 +258,51 @@ def test_runner_shares_calls_between_callers(stage1, prompts, alone):
         assert (a - b).abs().max() <= TOLERANCE
     assert runner.shared.job_steps == 5 + 3 + 4
     assert runner.shared.unet_calls < runner.shared.job_steps
+
+
+@pytest.mark.parametrize("quiet_s", [2.0, 0.0])
+def test_runner_gathers_jobs_that_arrive_together(stage1, prompts, quiet_s):
+    """Jobs arriving within the quiet period of each other share the first call: three jobs of
+    4 steps, arriving more than a call's time apart, take 4 calls. Without the wait the first
+    arrival starts alone and the others join calls later (up to 12 calls)."""
+    from illusions.batching import BatchRunner
+
+    two, _, negative = prompts
+    runner = BatchRunner(stage1, "test", quiet_s=quiet_s, max_gather_s=30.0)
+    try:
+        futures = []
+        for seed in range(3):
+            futures.append(runner.submit(stage_1_job(
+                stage1, two, negative, build_views(["identity", "flip"]), new_generator(seed),
+                SamplingParams(num_inference_steps=4, guidance_scale=3.0))))
+            time.sleep(0.5)  # longer than one call of the tiny UNet
+        for future in futures:
+            future.result(timeout=120)
+    finally:
+        runner.close()
+    if quiet_s:
+        assert runner.shared.unet_calls == 4
+    else:
+        assert runner.shared.unet_calls > 4
+
+
+@pytest.mark.parametrize("bound", ["max_jobs", "max_batch"])
+def test_runner_does_not_wait_for_jobs_that_cannot_join(stage1, prompts, alone, bound,
+                                                       monkeypatch):
+    """With one job admitted at a time (a service's --max-concurrent 1), or a first job that
+    fills a call, the runner does not wait: a quiet period of a minute would time out here."""
+    from illusions.batching import BatchRunner
+
+    if bound == "max_batch":
+        monkeypatch.setattr(stage1, "max_batch", 4)  # the first job's 2 views x 2 prompts
+    runner = BatchRunner(stage1, "test", max_jobs=1 if bound == "max_jobs" else 0, quiet_s=60.0,
+                         max_gather_s=60.0)
+    try:
+        result = runner.submit(_stage_1_jobs(stage1, prompts)[0]).result(timeout=30)
+    finally:
+        runner.close()
+    assert runner.shared.unet_calls == 5
+    assert (result - alone[0]).abs().max() <= TOLERANCE
 
 
 def test_runner_reports_a_job_error_to_its_caller(stage1, prompts):

@@ -205,6 +205,7 @@ class Admission:
     """
 
     def __init__(self, max_running: int, max_waiting: int) -> None:
+        self.max_running = max_running
         self._slots = threading.Semaphore(max_running)
         self._lock = threading.Lock()
         self._waiting = 0

@@ -128,13 +128,14 @@ class LazyRunner:
     """The thread that runs a stage's UNet (requests admitted together share its calls), started
     by the first request that needs it: ``runner(stage).run(job)``."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_jobs: int = 0) -> None:
         self.name = name
+        self.max_jobs = max_jobs  # the service's --max-concurrent: no wait for more jobs than that
         self._runner: BatchRunner | None = None
         self._lock = threading.Lock()
 
     def __call__(self, stage: UNetStage) -> BatchRunner:
         with self._lock:
             if self._runner is None:
-                self._runner = BatchRunner(stage, self.name)
+                self._runner = BatchRunner(stage, self.name, max_jobs=self.max_jobs)
             return self._runner

@@ -29,7 +29,7 @@ class Stage1Servicer(pb_grpc.Stage1Servicer):
     def __init__(self, model: ModelHandle[UNetStage], admission: Admission) -> None:
         self.model = model
         self.admission = admission
-        self.runner = LazyRunner("stage1")
+        self.runner = LazyRunner("stage1", admission.max_running)
 
     @rpc_errors
     def Sample(self, request: pb.Stage1Request, context: grpc.ServicerContext):  # noqa: N802

@@ -35,7 +35,7 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
     def __init__(self, model: ModelHandle[UNetStage], admission: Admission) -> None:
         self.model = model
         self.admission = admission
-        self.runner = LazyRunner("stage2")
+        self.runner = LazyRunner("stage2", admission.max_running)
 
     @rpc_errors
     def Sample(self, request: pb.Stage2Request, context: grpc.ServicerContext):  # noqa: N802
