@@ -174,6 +174,11 @@ def _from_pretrained(cls: Any, source: str, subfolder: str, dtype: torch.dtype, 
                      **kwargs: Any) -> Any:
     """``cls.from_pretrained`` with variant selection, and errors turned into sentences."""
     _check_source(source)
+    if _is_local(source) and not (Path(source).expanduser() / subfolder).is_dir():
+        raise ModelLoadError(
+            f"{source} has no {subfolder}/ folder for the {what}: pass a model directory in Hub "
+            f"layout (with {subfolder}/), e.g. a download of DeepFloyd/IF-I-M-v1.0"
+        )
     variant = _choose_variant(source, subfolder, dtype)
     try:
         try:

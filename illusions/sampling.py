@@ -217,11 +217,17 @@ def _prepare_reference(ref_image: torch.Tensor | None, views: Sequence[View], si
             f"ref_image has shape {tuple(ref_image.shape)}: expected an RGB image (3, H, W)"
         )
     _check_values("ref_image", ref_image, like.dtype, "pass an RGB image with values in [-1, 1]")
+    return resize_reference(ref_image, size).to(device=like.device, dtype=like.dtype)
+
+
+def resize_reference(ref_image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) -> (3, size, size) float32, as a stage resizes a reference image (antialiased
+    bilinear); unchanged at that size already."""
     ref = ref_image.to(torch.float32)[None]
     if ref.shape[-2:] != (size, size):
         ref = F.interpolate(ref, size=(size, size), mode="bilinear", antialias=True,
                             align_corners=False)
-    return ref[0].to(device=like.device, dtype=like.dtype)
+    return ref[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -890,11 +890,13 @@ class MotionBlurResView(_MotionView):
 class ScaleView(FactorizedView):
     name = "scale"
     description = "Noise estimate multiplied by scale (for inverse problems)."
-    args = (ViewArg("scale", float, 0.5, "factor applied to the noise estimate; > 0"),)
+    args = (ViewArg("scale", float, 0.5, "factor applied to the noise estimate; 0 < scale <= "
+                                         "1000"),)
 
     def __init__(self, scale: float = 0.5) -> None:
-        if not (math.isfinite(scale) and scale > 0):
-            raise ViewError(f"scale must be a finite number > 0, got {scale}")
+        # Far larger factors overflow the estimate in fp16/fp32 (1e38 gave a NaN image).
+        if not (math.isfinite(scale) and 0 < scale <= 1000):
+            raise ViewError(f"scale must be a finite number > 0 and at most 1000, got {scale}")
         self.scale = float(scale)
 
     def component(self, estimate: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,9 @@ class ResultError(ValueError):
     """The folder is not a result of ``illusion generate``; the message says what to give."""
 
 
+MAX_SECONDS = 10.0  # --hold and --transition: longer makes a GIF of thousands of frames
+
+
 @dataclass(frozen=True)
 class AnimateConfig:
     """One ``illusion animate`` run (the parts that do not depend on the result)."""
@@ -56,8 +59,9 @@ class AnimateConfig:
     def validate(self) -> None:
         if not 1 <= self.fps <= 100:
             raise ValueError(f"--fps {self.fps}: use 1 .. 100 frames per second")
-        if not self.hold > 0 or not self.transition > 0:
-            raise ValueError(f"--hold {self.hold} / --transition {self.transition}: use seconds > 0")
+        for flag, seconds in (("--hold", self.hold), ("--transition", self.transition)):
+            if not 0 < seconds <= MAX_SECONDS:
+                raise ValueError(f"{flag} {seconds}: use seconds > 0, at most {MAX_SECONDS:g}")
         if self.video not in VIDEO_CHOICES:
             raise ValueError(f"--video {self.video!r}: use one of {', '.join(VIDEO_CHOICES)}")
         if self.video == "mp4" and not video_available():
@@ -90,9 +94,13 @@ def find_samples(result: Path) -> tuple[Path, list[Path]]:
     if not result.is_dir():
         raise ResultError(f"{result} is not a folder: {usage}")
     if (result / "metadata.json").is_file():
-        samples = sorted(p for p in result.iterdir() if p.is_dir() and re.fullmatch(r"\d{4,}", p.name))
+        folders = sorted(p for p in result.iterdir() if p.is_dir() and re.fullmatch(r"\d{4,}", p.name))
+        samples = [p for p in folders if sample_sizes(p)]
+        for folder in sorted(set(folders) - set(samples)):  # made or emptied by hand
+            logger.warning("%s has no sample_S.png image: skipped", folder)
         if not samples:
-            raise ResultError(f"{result} has no finished samples yet (no NNNN/ folder)")
+            raise ResultError(f"{result} has no finished samples yet (no NNNN/ folder with its "
+                              "images)")
         return result, samples
     if (result.parent / "metadata.json").is_file() and re.fullmatch(r"\d{4,}", result.name):
         return result.parent, [result]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -457,6 +458,23 @@ def _refuse_local_options(args: argparse.Namespace) -> None:
             )
 
 
+def replica_count(target: str) -> int:
+    """How many stage-2 replicas ``--stage2`` names: the addresses of a list, or those a
+    ``dns:///name:port`` resolves to now (a headless service's pods; 1 if it does not resolve),
+    so that ``--parallel``'s default keeps each busy."""
+    if target.startswith("dns:"):
+        host, _, port = target.split("/")[-1].rpartition(":")
+        try:
+            found = socket.getaddrinfo(host.strip("[]") or target, int(port) if port.isdigit()
+                                       else None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return 1
+        return max(1, len({info[4][:2] for info in found}))
+    if "://" in target:
+        return 1
+    return max(1, len([a for a in target.split(",") if a.strip()]))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from orchestrator.client import CascadeClient
     from orchestrator.local import LocalServices
@@ -510,8 +528,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with CascadeClient(args.encoder, args.stage1, args.stage2, timeout=args.timeout,
                            retry_timeout=args.retry_timeout, security=security) as client:
             client.check()
-            replicas = 1 if "://" in args.stage2 else len(
-                [a for a in args.stage2.split(",") if a.strip()])
+            replicas = replica_count(args.stage2)
             written = generate(config, client, progress=progress, stage1_workers=args.batch,
                                stage2_workers=args.parallel or max(args.batch, replicas))
     else:
@@ -581,8 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("error: interrupted; finished samples are kept, unfinished ones were discarded",
-              file=sys.stderr)
+        kept = {"generate": "finished samples are kept, unfinished ones were discarded",
+                "animate": "finished animations are kept"}.get(args.command, "stopped")
+        print(f"error: interrupted; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -175,6 +175,9 @@ def stage_sample(run_dir: Path, seed: int, views: Sequence[View],
             tensors = {names[i]: image.float().contiguous()
                        for i, (_, image) in enumerate(sorted(images.items()))}
             save_file(tensors, str(partial / "tensors.safetensors"))
+            # safetensors writes its file 0600; give it the images' mode (the user's umask).
+            png = next(partial.glob("sample_*.png"))
+            os.chmod(partial / "tensors.safetensors", png.stat().st_mode & 0o777)
         # On disk before publish_sample's rename makes the folder a finished sample: a machine
         # that dies just after it leaves a whole sample, not one with empty files.
         for path in partial.iterdir():
@@ -187,12 +190,20 @@ def stage_sample(run_dir: Path, seed: int, views: Sequence[View],
 
 
 def publish_sample(partial: Path, run_dir: Path, seed: int) -> Path:
-    """Move a staged sample to ``run_dir/NNNN`` in one rename, replacing an older one there."""
+    """Move a staged sample to ``run_dir/NNNN`` in one rename. Where that folder is there already
+    (a sample made again, e.g. for its tensors), each staged file replaces its namesake in one
+    rename and the folder's other files (animations, a user's notes) stay."""
     final = sample_dir(run_dir, seed)
     try:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        if final.is_dir() and not final.is_symlink():
+            for path in sorted(partial.iterdir()):
+                os.replace(path, final / path.name)
+            partial.rmdir()
+            fsync_path(final)
+        else:
+            if final.exists() or final.is_symlink():
+                final.unlink()
+            os.replace(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -27,14 +27,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from anagram.v1 import anagram_pb2 as pb
-from illusions.sampling import InvalidInputError, SamplingParams
+from illusions.sampling import InvalidInputError, SamplingParams, resize_reference
 from illusions.text import style_prompts
-from illusions.views import View, build_views
+from illusions.views import VIEWS, View, ViewError, build_views, parse_view_args
 from orchestrator.client import CascadeClient
 from orchestrator.output import publish_sample, sample_dir, stage_sample, write_json_atomic
 from services.common import codec
 
 logger = logging.getLogger(__name__)
+
+
+MAX_SAMPLES = 1_000_000  # samples of one run
 
 
 @dataclass(frozen=True)
@@ -107,10 +110,18 @@ def check_config(config: GenerateConfig) -> list[View]:
             f"{len(config.view_args)} --view-args for {len(config.views)} views: give one per "
             "view, '' for a view's defaults"
         )
-    if config.num_samples < 1:
-        raise InvalidInputError(f"--num-samples {config.num_samples}: use 1 or more")
+    if not 1 <= config.num_samples <= MAX_SAMPLES:
+        raise InvalidInputError(f"--num-samples {config.num_samples}: use 1 .. {MAX_SAMPLES:,} "
+                                "(a larger job: several runs with other --seed values)")
     if not 0 <= config.seed < 2**63 - config.num_samples:
         raise InvalidInputError(f"--seed {config.seed} is out of range: use 0 .. 2**63-1")
+    if not -(2**63) <= config.view_seed < 2**63:
+        raise InvalidInputError(f"--view-seed {config.view_seed} is out of range: use "
+                                "-2**63 .. 2**63-1")
+    if config.ref_image is not None and len(config.views) != 2:
+        raise InvalidInputError(
+            f"--ref-image needs exactly 2 views (the image supplies the first view's component, "
+            f"the prompt the second), got {len(config.views)}: give two --views and --prompts")
     config.params.validate(as_flags=True)
     if config.ref_image is not None and not Path(config.ref_image).is_file():
         what = "is a folder" if Path(config.ref_image).is_dir() else "does not exist"
@@ -150,7 +161,7 @@ def job_identity(meta: dict[str, Any]) -> dict[str, Any]:
     models = meta.get("models")
     return {
         "prompts": meta.get("prompts"),
-        "views": meta.get("views"),
+        "views": _canonical_views(meta.get("views")),
         "sampling": meta.get("sampling"),
         "ref_image": meta.get("ref_image_sha256", meta.get("ref_image")),
         "models": None if models is None else {
@@ -160,14 +171,31 @@ def job_identity(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+SAMPLE_IMAGE = re.compile(r"sample_\d+\.png")
+
+
+def _canonical_views(views: Any) -> Any:
+    """Views as the sampler sees them: every argument by name, defaults filled in, so "8",
+    "grid=8" and no argument at all (its default 8) are one jigsaw view."""
+    try:
+        return [{"name": view["name"], "seed": view.get("seed", 0),
+                 "args": {**{arg.name: arg.default for arg in VIEWS[view["name"]].args},
+                          **parse_view_args(view["name"], list(view.get("args") or []))}}
+                for view in views]
+    except (KeyError, TypeError, ViewError):  # not ours, or a view this version lacks
+        return views
+
+
 def finished_samples(run_dir: Path, save_tensors: bool) -> list[int]:
-    """Seeds whose folder ``NNNN`` is complete (folders appear only once complete; with
-    ``save_tensors`` a folder also needs its tensors)."""
+    """Seeds whose folder ``NNNN`` is complete: folders appear only once complete, but one made
+    or emptied by hand is not, so a folder also needs both stages' images (and with
+    ``save_tensors`` its tensors)."""
     if not run_dir.is_dir():
         return []
     return sorted(
         int(entry.name) for entry in run_dir.iterdir()
         if entry.is_dir() and SAMPLE_DIR.fullmatch(entry.name)
+        and sum(bool(SAMPLE_IMAGE.fullmatch(p.name)) for p in entry.iterdir()) >= 2
         and (not save_tensors or (entry / "tensors.safetensors").is_file())
     )
 
@@ -209,17 +237,20 @@ def check_run_dir(config: GenerateConfig, meta: dict[str, Any]) -> None:
     differ = [key for key in mine if mine[key] != theirs.get(key)]
     if differ:
         raise RunMismatchError(
-            f"{run_dir} holds another run (its {', '.join(differ)} differ from this command's): "
+            f"{run_dir} holds another run (it differs from this command in its "
+            f"{', '.join(differ)}): "
             f"{fix}. Rerunning the same command resumes a run."
         )
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """``--overwrite``: remove the samples and metadata of an earlier run (nothing else)."""
+    """``--overwrite``: remove the samples and metadata of an earlier run (nothing else; samples
+    this run is staging stay). Called when the first new sample is ready, so a run that fails
+    before it leaves the earlier one whole."""
     if not run_dir.is_dir():
         return
     for entry in run_dir.iterdir():
-        if entry.is_dir() and (SAMPLE_DIR.fullmatch(entry.name) or PARTIAL_DIR.fullmatch(entry.name)):
+        if entry.is_dir() and SAMPLE_DIR.fullmatch(entry.name):
             shutil.rmtree(entry)
     (run_dir / "metadata.json").unlink(missing_ok=True)
 
@@ -262,7 +293,11 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
                 _held[key] = (me, _held[key][1] - 1)
         return
     created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot make the run folder {run_dir} ({exc.strerror or exc}): "
+                                "give --save-dir a folder you can write to") from None
     lock_path = run_dir / ".lock"
     with open(lock_path, "a") as handle:
         try:
@@ -316,7 +351,10 @@ def load_ref_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as picture:
             rgb = picture.convert("RGB")
-    except OSError as exc:
+    except Image.DecompressionBombError as exc:
+        raise InvalidInputError(f"--ref-image {path} is too large to open safely ({exc}): scale "
+                                "it down; it is used at 64 and 256 pixels") from None
+    except (OSError, ValueError) as exc:
         raise InvalidInputError(f"--ref-image {path} is not a readable image: {exc}") from None
     pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     pixels = pixels.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1)
@@ -391,18 +429,20 @@ def _generate(config: GenerateConfig, client: CascadeClient, views: list[View],
     prompts = style_prompts(config.prompts, config.style)
     models = client.describe()
     run_dir = config.run_dir
-    if config.overwrite:
-        clear_run_dir(run_dir)
-    else:
+    # --overwrite: the earlier run's samples and metadata go when the first new sample is ready
+    # (publish below), so a run that fails before it leaves the earlier one whole.
+    to_clear = config.overwrite
+    if not config.overwrite:
         check_run_dir(config, _metadata(config, prompts, models, []))
     run_dir.mkdir(parents=True, exist_ok=True)
-    done = finished_samples(run_dir, config.save_tensors)
+    done = [] if config.overwrite else finished_samples(run_dir, config.save_tensors)
     seeds = config.seeds
     todo = [seed for seed in seeds if seed not in done]
     if len(todo) < len(seeds):
         logger.info("resuming %s: %d of %d samples already done", run_dir,
                     len(seeds) - len(todo), len(seeds))
-    write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
+    if not config.overwrite:
+        write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
     if not todo:
         return [sample_dir(run_dir, seed) for seed in seeds]
 
@@ -415,7 +455,16 @@ def _generate(config: GenerateConfig, client: CascadeClient, views: list[View],
                     seed=config.view_seed)
         for k, name in enumerate(config.views)
     ]
-    ref_message = codec.encode(ref_image) if ref_image is not None else pb.Tensor()
+    # The reference at each stage's size, as the stage would resize it (the same function):
+    # a camera photo would not fit in a message, and the pictures stay the same.
+    ref_messages = {stage: pb.Tensor() for stage in ("stage1", "stage2")}
+    if ref_image is not None:
+        for stage in ref_messages:
+            info = models.get(stage)
+            if info is not None and info.sample_size:
+                ref_messages[stage] = codec.encode(resize_reference(ref_image, info.sample_size))
+            else:  # a service that does not say its size: it resizes the image itself
+                ref_messages[stage] = codec.encode(ref_image)
     # Samples' files are staged in parallel (outside the lock: PNG encoding releases the GIL);
     # one at a time, under the lock, a staged sample is moved into place and recorded in `done`
     # and metadata.json. `writing` counts samples being staged, so that generate returns only
@@ -439,7 +488,7 @@ def _generate(config: GenerateConfig, client: CascadeClient, views: list[View],
 
     def one_sample(seed: int) -> None:
         """Stage 1, stage 2 and the files of one sample (on a worker thread)."""
-        nonlocal done, writing
+        nonlocal done, writing, to_clear
         with stage1_slots:
             if failed.is_set():
                 return
@@ -448,7 +497,8 @@ def _generate(config: GenerateConfig, client: CascadeClient, views: list[View],
             with bar:
                 image64, state = client.stage1(
                     pb.Stage1Request(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
-                                     views=specs, params=params_for(seed), ref_image=ref_message),
+                                     views=specs, params=params_for(seed),
+                                     ref_image=ref_messages["stage1"]),
                     update,
                 )
         with stage2_slots:
@@ -460,7 +510,7 @@ def _generate(config: GenerateConfig, client: CascadeClient, views: list[View],
                     pb.Stage2Request(image=codec.encode(image64), prompt_embeds=embeds,
                                      negative_prompt_embeds=negative_embeds, views=specs,
                                      params=params_for(seed), rng_state=codec.encode(state),
-                                     ref_image=ref_message),
+                                     ref_image=ref_messages["stage2"]),
                     update,
                 )
         images = {image64.shape[-1]: image64, image256.shape[-1]: image256}
@@ -471,6 +521,9 @@ def _generate(config: GenerateConfig, client: CascadeClient, views: list[View],
         try:
             partial = stage_sample(run_dir, seed, views, images, config.save_tensors, prompts)
             with lock:
+                if to_clear:
+                    clear_run_dir(run_dir)
+                    to_clear = False
                 publish_sample(partial, run_dir, seed)
                 done = sorted({*done, seed})
                 write_json_atomic(run_dir / "metadata.json",

@@ -383,6 +383,35 @@ def test_cli_animate_bad_size_and_metadata(tmp_path: Path, capsys):
     assert "one prompt per view" in capsys.readouterr().err
 
 
+def test_cli_animate_skips_a_sample_folder_without_images(tmp_path: Path, capsys, caplog):
+    run = make_result(tmp_path, samples=(0, 2))
+    (run / "0001").mkdir()  # made (or emptied) by hand
+    code = cli.main(["animate", str(run), "--video", "none", "--hold", "0.1",
+                     "--transition", "0.1"])
+    assert code == 0
+    assert capsys.readouterr().out.split() == [str(run / "0000" / "sample_256.gif"),
+                                               str(run / "0002" / "sample_256.gif")]
+    assert "0001 has no sample_S.png image: skipped" in caplog.text
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--hold", "inf"), ("--transition", "nan"),
+                                             ("--transition", "11")])
+def test_cli_animate_refuses_endless_timings(tmp_path: Path, capsys, flag: str, value: str):
+    run = make_result(tmp_path)
+    assert cli.main(["animate", str(run), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} ") and "at most 10" in err and err.count("\n") == 1
+
+
+def test_ctrl_c_in_animate_says_what_is_kept(tmp_path: Path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(animation, "animate_result", interrupted)
+    assert cli.main(["animate", str(make_result(tmp_path))]) == 130
+    assert capsys.readouterr().err == "error: interrupted; finished animations are kept\n"
+
+
 class FakeClient:
     """Stands in for the three services: fixed images, the real pipeline around them."""
 

@@ -372,6 +372,29 @@ def test_option_combinations_that_cannot_work_are_refused_before_anything_starts
         assert f"{option[0]} applies to local mode" in err and where in err, err
 
 
+def test_stage2_replicas_behind_a_dns_name_are_counted(monkeypatch):
+    """--parallel's default is one stage-2 call per replica: a dns:/// target counts the
+    addresses its name resolves to now (a headless service's pods)."""
+    import socket
+
+    from orchestrator.cli import replica_count
+
+    def resolve(host, port, *args, **kwargs):
+        assert (host, port) == ("stage2.illusion.svc", 50052)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"10.0.0.{k}", port))
+                for k in (1, 2, 3, 3)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    assert replica_count("dns:///stage2.illusion.svc:50052") == 3
+    assert replica_count("10.0.0.1:1,10.0.0.2:1") == 2
+
+    def unresolved(*args, **kwargs):
+        raise socket.gaierror("no such name")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolved)
+    assert replica_count("dns:///stage2.illusion.svc:50052") == 1
+
+
 def test_default_run_name_is_one_folder(tmp_path):
     """The default name takes each prompt's last word: an empty prompt has none, and a word with
     a '/' would make a sub-folder."""

@@ -174,6 +174,22 @@ def test_probe_exits_0_only_when_serving(capsys):
     assert probe.main(["--no-such-flag"]) == 1  # Docker reserves exit code 2
 
 
+def test_probe_refuses_bad_settings_in_one_line_naming_the_option(tmp_path, capsys):
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate")
+    with health_server(SERVING) as (address, _):
+        for args, needle in (
+            (["--timeout", "0"], "--timeout 0.0: use seconds > 0"),
+            (["--timeout", "nan"], "--timeout nan: use seconds > 0"),
+            (["--tls-ca", str(tmp_path / "missing.pem")], "--tls-ca "),
+            (["--tls-ca", str(not_pem)], f"--tls-ca {not_pem}"),
+        ):
+            assert probe.main([address, *args]) == 1
+            captured = capsys.readouterr()
+            assert captured.err.startswith("error: ") and needle in captured.err, captured.err
+            assert captured.err.count("\n") == 1 and not captured.out
+
+
 def test_probe_as_a_module():
     """The exact command the images' HEALTHCHECK runs, as a process."""
     with health_server(SERVING) as (address, _):

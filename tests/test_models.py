@@ -268,3 +268,13 @@ def test_bitsandbytes_kernels_hint_is_dropped_and_its_other_lines_kept():
                                  "No module named 'kernels'. Please make sure you already `pip "
                                  "install kernels` and the kernels >= 0.11.1"))
     assert bnb.filter(record("some other bitsandbytes warning"))
+
+
+def test_a_model_folder_without_the_needed_subfolder_says_which(tmp_path):
+    """--encoder-model pointing at a folder without text_encoder/ (a UNet-only download, say)."""
+    from illusions.models import load_text_encoder_parts
+
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelLoadError, match=f"{tmp_path} has no text_encoder/ folder for the T5 "
+                                             "text encoder: pass a model directory in Hub layout"):
+        load_text_encoder_parts(str(tmp_path))

@@ -227,3 +227,150 @@ def test_local_services_that_do_not_start_in_time_are_stopped_and_say_why(monkey
     with pytest.raises(LocalServiceError, match="local stage2 service failed to start: no model "
                                                 "at m: give --model"):
         LocalServices(specs[1:]).start()
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+def test_overwrite_keeps_the_earlier_run_until_a_new_sample_is_ready(tmp_path):
+    """--overwrite replaces an earlier run only once the new run has a sample to put in its
+    place: a run that fails before that leaves the earlier one whole."""
+    earlier = _config(tmp_path, 2)
+    generate(earlier, StandIn(stage2_seconds=0.0), progress=False)
+    other = GenerateConfig(prompts=("c", "d"), views=("identity", "rotate_180"),
+                           save_dir=tmp_path, name="run", num_samples=1, overwrite=True)
+    with pytest.raises(ServiceError):
+        generate(other, StandIn(stage2_seconds=0.0, fail_seed=0), progress=False)
+    run = tmp_path / "run"
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["prompts"] == ["a", "b"] and meta["samples_done"] == [0, 1]
+    assert (run / "0000" / "sample_16.png").is_file() and (run / "0001").is_dir()
+
+    generate(other, StandIn(stage2_seconds=0.0), progress=False)
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["prompts"] == ["c", "d"] and meta["samples_done"] == [0]
+    assert not (run / "0001").exists()  # the earlier run's sample is gone with it
+
+
+def test_a_sample_made_again_keeps_the_other_files_in_its_folder(tmp_path):
+    """Resuming with --save-tensors makes finished samples again for their tensors: the new files
+    replace their namesakes, and an animation or a user's notes in the folder stay."""
+    config = _config(tmp_path, 1)
+    generate(config, StandIn(stage2_seconds=0.0), progress=False)
+    sample = tmp_path / "run" / "0000"
+    (sample / "sample_16.gif").write_bytes(b"GIF89a")
+    (sample / "notes.txt").write_text("keep me")
+    generate(GenerateConfig(**{**config.__dict__, "save_tensors": True}),
+             StandIn(stage2_seconds=0.0), progress=False)
+    assert (sample / "sample_16.gif").read_bytes() == b"GIF89a"
+    assert (sample / "notes.txt").read_text() == "keep me"
+    assert set(load_file(str(sample / "tensors.safetensors"))) == {"stage_1", "stage_2"}
+    # Written with the images' permissions (safetensors alone writes 0600).
+    assert (sample / "tensors.safetensors").stat().st_mode == (sample / "sample_16.png").stat().st_mode
+    assert not list((tmp_path / "run").glob(".*.partial"))
+
+
+def test_a_sample_folder_without_its_images_is_made_again(tmp_path):
+    """A folder NNNN made or emptied by hand is not a finished sample."""
+    run = tmp_path / "run"
+    generate(_config(tmp_path, 1), StandIn(stage2_seconds=0.0), progress=False)
+    (run / "0001").mkdir()
+    client = StandIn(stage2_seconds=0.0)
+    generate(_config(tmp_path, 2), client, progress=False)
+    assert {seed for _, what, _, seed in client.events if what == "stage1"} == {1}
+    assert (run / "0001" / "sample_16.png").is_file()
+    assert json.loads((run / "metadata.json").read_text())["samples_done"] == [0, 1]
+
+
+def test_the_reference_image_goes_to_each_stage_at_its_size(tmp_path):
+    """A camera photo would not fit in a message: each stage gets the reference already at its
+    size, resized as the stage would resize it (so the pictures are the same)."""
+    from PIL import Image
+
+    from illusions.sampling import resize_reference
+    from orchestrator.pipeline import load_ref_image
+    from services.common import codec
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (300, 200), (200, 30, 90)).save(photo)
+    sent: dict[str, torch.Tensor] = {}
+
+    class Sizes(StandIn):
+        def describe(self):
+            return {"encoder": pb.ModelInfo(service="encoder"),
+                    "stage1": pb.ModelInfo(service="stage1", sample_size=8),
+                    "stage2": pb.ModelInfo(service="stage2", sample_size=16)}
+
+        def stage1(self, request, progress=None):
+            sent["stage1"] = codec.decode(request.ref_image)
+            return super().stage1(request, progress)
+
+        def stage2(self, request, progress=None):
+            sent["stage2"] = codec.decode(request.ref_image)
+            return super().stage2(request, progress)
+
+    config = GenerateConfig(prompts=("a", "b"), views=("identity", "flip"), save_dir=tmp_path,
+                            name="ref", ref_image=photo)
+    generate(config, Sizes(stage2_seconds=0.0), progress=False)
+    full = load_ref_image(photo)
+    assert torch.equal(sent["stage1"], resize_reference(full, 8))
+    assert torch.equal(sent["stage2"], resize_reference(full, 16))
+
+
+def test_equivalent_view_arguments_are_the_same_run(tmp_path):
+    """"4", "grid=4" and no argument (jigsaw's default grid is 4) are one view: the run
+    resumes; another grid is another run."""
+    from orchestrator.pipeline import RunMismatchError, _metadata, check_run_dir
+
+    def config(view_args) -> GenerateConfig:
+        return GenerateConfig(prompts=("a", "b"), views=("identity", "jigsaw"),
+                              view_args=view_args, save_dir=tmp_path, name="run")
+
+    run = tmp_path / "run"
+    (run / "0000").mkdir(parents=True)
+    first = config(((), ("4",)))
+    (run / "metadata.json").write_text(json.dumps(_metadata(first, ["a", "b"], None, [0])))
+    for same in (((), ("grid=4",)), ()):
+        check_run_dir(config(same), _metadata(config(same), ["a", "b"], None, []))
+    other = config(((), ("grid=8",)))
+    with pytest.raises(RunMismatchError, match="it differs from this command in its views"):
+        check_run_dir(other, _metadata(other, ["a", "b"], None, []))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"views": ("identity", "flip", "negate"), "prompts": ("a", "b", "c")},
+     "--ref-image needs exactly 2 views"),
+    ({"view_seed": 2**63}, "--view-seed 9223372036854775808 is out of range"),
+    ({"num_samples": 10**8}, "--num-samples 100000000: use 1 .. 1,000,000"),
+])
+def test_run_settings_that_cannot_work_are_refused_before_any_call(tmp_path, change, message):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from orchestrator.pipeline import check_config
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    config = replace(_config(tmp_path, 1), ref_image=photo, **change)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("+", r"\+")):
+        check_config(config)
+
+
+def test_unusable_reference_and_save_dir_name_the_option(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from orchestrator.pipeline import load_ref_image
+
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (40, 40)).save(huge)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels: a decompression bomb
+    with pytest.raises(ValueError, match="--ref-image .*huge.png is too large to open safely"):
+        load_ref_image(huge)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    config = GenerateConfig(prompts=("a", "b"), views=("identity", "flip"),
+                            save_dir=afile / "sub", name="run")
+    with pytest.raises(ValueError, match="cannot make the run folder .*: give --save-dir a folder "
+                                         "you can write to"):
+        generate(config, StandIn(), progress=False)

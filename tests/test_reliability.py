@@ -116,7 +116,7 @@ def test_a_different_command_does_not_mix_into_a_run(services, tmp_path):
                               ({"views": ("identity", "rotate_180")}, "views"),
                               ({"prompts": ("a waterfall", "a cat")}, "prompts"),
                               ({"style": "an oil painting of"}, "prompts")):
-            with pytest.raises(RunMismatchError, match=f"its {what} differ") as info:
+            with pytest.raises(RunMismatchError, match=f"it differs from this command in its {what}") as info:
                 generate(replace(config, **changes), client, progress=False)
             assert "--name" in str(info.value) and "--overwrite" in str(info.value)
         assert client.calls["stage1"] == 1, "a refused command sampled"
@@ -125,7 +125,7 @@ def test_a_different_command_does_not_mix_into_a_run(services, tmp_path):
         meta = json.loads((config.run_dir / "metadata.json").read_text())
         meta["models"]["stage2"]["model"] = "DeepFloyd/IF-II-L-v1.0"
         (config.run_dir / "metadata.json").write_text(json.dumps(meta))
-        with pytest.raises(RunMismatchError, match="its models differ"):
+        with pytest.raises(RunMismatchError, match="it differs from this command in its models"):
             generate(config, client, progress=False)
 
         # --overwrite replaces the earlier run.

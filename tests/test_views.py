@@ -555,6 +555,7 @@ def test_unknown_view_lists_valid_ones():
         ("low_pass", ["kernel_size=65"], "at most 63"),
         ("scale", ["0"], "> 0"),
         ("scale", ["inf"], "finite"),
+        ("scale", ["1e38"], "at most 1000"),  # overflowed the estimate: a NaN image
         ("jigsaw", ["1"], "must divide 64"),
         ("jigsaw", ["3"], "use one of [2, 4, 8, 16, 32, 64], got 3"),  # found before any sampling
         ("jigsaw", ["100000000"], "must divide 64"),  # would draw a layout of 10^16 pieces

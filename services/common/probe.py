@@ -20,13 +20,25 @@ Only grpc is imported (no torch), so a probe costs a fraction of a second of CPU
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Sequence
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+# gRPC's C core would log its own lines (a CA it cannot load, say) beside the probe's one line.
+# It reads this once, when grpc is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from services.common.security import add_client_options
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from services.common.security import (  # noqa: E402
+    add_client_options,
+    check_ca,
+    check_key_pair,
+    read_pem,
+    read_token,
+)
 
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
@@ -54,11 +66,13 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
         return grpc.insecure_channel(args.address)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("give --tls-cert and --tls-key together (or neither)")
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=args.tls_ca.read_bytes(),
-        private_key=args.tls_key.read_bytes() if args.tls_key else None,
-        certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
-    )
+    ca = read_pem(args.tls_ca, "--tls-ca")
+    check_ca(args.tls_ca, "--tls-ca")
+    key, chain = read_pem(args.tls_key, "--tls-key"), read_pem(args.tls_cert, "--tls-cert")
+    if args.tls_cert is not None:
+        check_key_pair(args.tls_cert, args.tls_key)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                               certificate_chain=chain)
     options = []
     if args.tls_server_name:
         options.append(("grpc.ssl_target_name_override", args.tls_server_name))
@@ -67,9 +81,11 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 def check(args: argparse.Namespace) -> tuple[int, str]:
     """Ask once. Returns (exit code, one line saying what was found)."""
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError(f"--timeout {args.timeout}: use seconds > 0")
     metadata = None
     if args.token_file is not None:
-        token = args.token_file.read_text().strip()
+        token = read_token(args.token_file, {})
         if not token:
             raise ValueError(f"--token-file {args.token_file} is empty")
         metadata = (("authorization", f"Bearer {token}"),)
