@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -575,6 +576,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -583,6 +588,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestrator.client import ServiceError
     from orchestrator.local import LocalServiceError
 
+    if args.command in ("generate", "animate"):
+        # `docker stop`, a Kubernetes job's end, `kill`: the same clean stop as Ctrl-C (local
+        # services stopped, no half-written sample or animation left behind).
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "views":
             return cmd_views()

@@ -22,7 +22,7 @@ from anagram.v1 import anagram_pb2_grpc as pb_grpc
 from services.common import codec
 from services.common.errors import RETRY_AFTER_KEY
 from services.common.security import ClientSecurity
-from services.common.server import GRPC_OPTIONS, KEEPALIVE_S, SERVICE_NAMES
+from services.common.server import GRPC_OPTIONS, KEEPALIVE_S, MAX_MESSAGE_BYTES, SERVICE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,9 @@ def _translate(service: str, address: str, error: grpc.RpcError, timeout: float 
         text = f"{where} did not finish within {timeout:.0f} s: raise --timeout or check the service"
     elif code == grpc.StatusCode.INVALID_ARGUMENT:
         text = f"{where} rejected the request: {details}"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        text = (f"{where}: a message is larger than the {MAX_MESSAGE_BYTES // 2**20} MiB gRPC "
+                f"allows ({details}): send less at once")
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         text = f"{where} is overloaded: {details}"
     elif code == grpc.StatusCode.CANCELLED:

@@ -303,7 +303,9 @@ def test_sigterm_drains_in_flight_call_then_exits():
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_ctrl_c_in_local_mode_stops_the_services_and_keeps_no_partial_sample(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_in_local_mode_stops_the_services_and_keeps_no_partial_sample(tmp_path, stop):
+    """Ctrl-C, and SIGTERM (`docker stop`, a Kubernetes job's end) alike."""
     import psutil
 
     # A job started in the background by a non-interactive shell (CI scripts, nohup ... &)
@@ -327,7 +329,7 @@ def test_ctrl_c_in_local_mode_stops_the_services_and_keeps_no_partial_sample(tmp
     children = psutil.Process(run.pid).children(recursive=True)
     assert len(children) == 3, [c.cmdline() for c in children]  # the three local services
     time.sleep(1.0)  # now sampling
-    run.send_signal(signal.SIGINT)
+    run.send_signal(stop)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 130, err
     assert "interrupted" in _one_error_line(subprocess.CompletedProcess([], 130, out, err))

@@ -411,3 +411,21 @@ def test_first_check_waits_for_a_service_still_loading(caplog):
         loaded.set()
         stop.set()
         thread.join(10)
+
+
+def test_a_message_over_the_limit_is_not_called_overload():
+    """gRPC answers a message over its limit with RESOURCE_EXHAUSTED, as it does a full queue:
+    the user is told what is too large, not that the service is busy."""
+    from orchestrator.client import _translate
+
+    class TooLarge(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self) -> str:
+            return "CLIENT: Sent message larger than max (432029675 vs. 268435456)"
+
+    text = str(_translate("stage1", "10.0.0.7:50051", TooLarge(), 60.0))
+    assert text.startswith("stage1 at 10.0.0.7:50051: a message is larger than the 256 MiB gRPC "
+                           "allows (CLIENT: Sent message larger than max")
+    assert "overloaded" not in text
