@@ -301,10 +301,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidInputError("--fixed-batch pads every UNet call to --max-batch rows: give "
                                 "--max-batch N too (e.g. 16)")
     _check_batch_multiple([args.batch_multiple], args.fixed_batch, per_stage=False)
-    configure_logging()
-    # Before CUDA starts: segments that grow in place keep the CUDA graphs' memory pools compact
-    # (docs/benchmarks.md: the int8 IF-I-XL process 8.3 -> 6.3 GiB). A setting of the user's wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = _resolve_device(args.device)
     config = ServerConfig(
         service=args.service,
@@ -324,7 +320,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         parent_pid=args.parent_pid,
         security=security,
-    )
+    )  # settings that cannot work are refused here, before the service logs anything
+    configure_logging()
+    # Before CUDA starts: segments that grow in place keep the CUDA graphs' memory pools compact
+    # (docs/benchmarks.md: the int8 IF-I-XL process 8.3 -> 6.3 GiB). A setting of the user's wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.service == "encoder":
         from services.encoder.server import main
     elif args.service == "stage1":
