@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from illusions import animate
 from illusions.views import View, build_views
-from orchestrator.output import INK, MUTED, font, line_height, to_pil, wrap_text
+from orchestrator.output import INK, MUTED, font, line_height, sample_sizes, to_pil, wrap_text
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ VIDEO_CHOICES = ("auto", "mp4", "none")
 VIDEO_HINT = "pip install 'illusion-relay[video]'"
 MIN_FRAME = 384  # frames of small images are enlarged (nearest) to at least this side
 BLOCK = 16  # frame sides are padded to a multiple of this (H.264 macroblocks)
-_SAMPLE_PNG = re.compile(r"^sample_(\d+)\.png$")
 
 
 class ResultError(ValueError):
@@ -133,12 +132,6 @@ def views_from_metadata(meta: dict[str, Any]) -> list[View]:
         raise ResultError(f"views of one run share one view seed, metadata has {sorted(seeds)}")
     return build_views([entry["name"] for entry in entries],
                        [list(entry.get("args") or []) for entry in entries], view_seed=seeds.pop())
-
-
-def sample_sizes(sample: Path) -> list[int]:
-    """Sizes ``S`` of the ``sample_{S}.png`` images in a sample folder, ascending."""
-    found = (_SAMPLE_PNG.match(p.name) for p in Path(sample).iterdir())
-    return sorted(int(m.group(1)) for m in found if m)
 
 
 def load_image(path: Path) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -155,6 +156,15 @@ def write_sample(run_dir: Path, seed: int, views: Sequence[View],
     """
     return publish_sample(stage_sample(run_dir, seed, views, images, save_tensors, prompts),
                           run_dir, seed)
+
+
+SAMPLE_PNG = re.compile(r"sample_(\d+)\.png")  # a sample's image at size S: sample_{S}.png
+
+
+def sample_sizes(sample: Path) -> list[int]:
+    """Sizes ``S`` of the ``sample_{S}.png`` images in a sample folder, ascending."""
+    found = (SAMPLE_PNG.fullmatch(p.name) for p in Path(sample).iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
 
 
 def stage_sample(run_dir: Path, seed: int, views: Sequence[View],

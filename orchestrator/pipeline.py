@@ -31,7 +31,13 @@ from illusions.sampling import InvalidInputError, SamplingParams, resize_referen
 from illusions.text import style_prompts
 from illusions.views import VIEWS, View, ViewError, build_views, parse_view_args
 from orchestrator.client import CascadeClient
-from orchestrator.output import publish_sample, sample_dir, stage_sample, write_json_atomic
+from orchestrator.output import (
+    publish_sample,
+    sample_dir,
+    sample_sizes,
+    stage_sample,
+    write_json_atomic,
+)
 from services.common import codec
 
 logger = logging.getLogger(__name__)
@@ -171,9 +177,6 @@ def job_identity(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-SAMPLE_IMAGE = re.compile(r"sample_\d+\.png")
-
-
 def _canonical_views(views: Any) -> Any:
     """Views as the sampler sees them: every argument by name, defaults filled in, so "8",
     "grid=8" and no argument at all (its default 8) are one jigsaw view."""
@@ -195,7 +198,7 @@ def finished_samples(run_dir: Path, save_tensors: bool) -> list[int]:
     return sorted(
         int(entry.name) for entry in run_dir.iterdir()
         if entry.is_dir() and SAMPLE_DIR.fullmatch(entry.name)
-        and sum(bool(SAMPLE_IMAGE.fullmatch(p.name)) for p in entry.iterdir()) >= 2
+        and len(sample_sizes(entry)) >= 2
         and (not save_tensors or (entry / "tensors.safetensors").is_file())
     )
 
