@@ -6,15 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import STAGE2_DIR
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from illusions.inductor_rewrites import (
     ERFC_FIT_END,
     ChannelPaddedConv2d,
+    ChannelsLastUpsample2D,
     ChannelStatsGroupNorm,
+    ConvOutputGroupNorm,
     ErfcFitGELU,
     apply_inductor_rewrites,
     channel_stats_group_norm,
+    channel_var_mean,
     erfc_fit_gelu,
 )
 from illusions.models import load_unet_stage
@@ -31,13 +36,15 @@ def _inputs(shape: tuple[int, ...], offset: float, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("shape,groups", [((3, 64, 17, 9), 32), ((2, 12, 40), 3),
                                           ((1, 8, 4, 5, 6), 2)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_channel_stats_group_norm_matches_group_norm_in_float64(shape, groups, affine):
+@pytest.mark.parametrize("shifted_sums", [False, True])
+def test_channel_stats_group_norm_matches_group_norm_in_float64(shape, groups, affine,
+                                                                shifted_sums):
     x = _inputs(shape, offset=300.0, seed=len(shape) + groups).double()
     weight = torch.randn(shape[1], dtype=torch.float64) if affine else None
     bias = torch.randn(shape[1], dtype=torch.float64) if affine else None
     expected = F.group_norm(x, groups, weight, bias, 1e-5)
     got = channel_stats_group_norm(x.float(), groups, None if weight is None else weight.float(),
-                                   None if bias is None else bias.float(), 1e-5)
+                                   None if bias is None else bias.float(), 1e-5, shifted_sums)
     assert got.dtype == torch.float32
     # Statistics in fp32 over channels offset by hundreds: still a few fp32 ulps of the inputs.
     assert (got.double() - expected).abs().max().item() < 2e-3
@@ -48,16 +55,38 @@ def test_channel_stats_group_norm_matches_group_norm_in_float64(shape, groups, a
     assert ours < max(4 * theirs, 1e-6)  # as close as PyTorch's own fp32 group norm, roughly
 
 
-def test_channel_stats_group_norm_in_fp16_and_channels_last_rounds_like_group_norm():
+@pytest.mark.parametrize("shifted_sums", [False, True])
+def test_channel_stats_group_norm_in_fp16_and_channels_last_rounds_like_group_norm(shifted_sums):
     x = _inputs((2, 64, 16, 16), offset=3.0, seed=1).half()
     weight, bias = torch.randn(64).half(), torch.randn(64).half()
     expected = F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6)
     for layout in (torch.contiguous_format, torch.channels_last):
-        got = channel_stats_group_norm(x.contiguous(memory_format=layout), 32, weight, bias, 1e-6)
+        got = channel_stats_group_norm(x.contiguous(memory_format=layout), 32, weight, bias, 1e-6,
+                                       shifted_sums)
         assert got.dtype == torch.float16
         # fp16 output: within one rounding of fp16 at the outputs' magnitude.
         tol = expected.abs().max().item() * 2**-10
         assert (got.double() - expected).abs().max().item() <= tol
+
+
+def test_channel_var_mean_is_fp32_exact_far_from_zero_and_never_negative():
+    """One pass of shifted sums: channels offset by hundreds keep an fp32-accurate variance; a
+    constant channel has variance 0 (not a negative rounding, whose rsqrt would be NaN); a channel
+    whose first row is far from the rest still has its variance within fp32 rounding."""
+    x = _inputs((3, 16, 24, 20), offset=500.0, seed=7)
+    x[0, 0] = 3.0  # constant
+    x[1, 1] = 2.0
+    x[1, 1, 0] = 1e4  # first row far from the rest
+    var, mean = channel_var_mean(x.contiguous(memory_format=torch.channels_last))
+    expected_var, expected_mean = torch.var_mean(x.double(), dim=(2, 3), correction=0)
+    assert var.dtype == mean.dtype == torch.float32 and var.shape == mean.shape == (3, 16)
+    assert var[0, 0].item() == 0.0 and mean[0, 0].item() == 3.0
+    assert (var >= 0).all()
+    assert torch.allclose(mean.double(), expected_mean, rtol=1e-6, atol=0)
+    assert torch.allclose(var.double(), expected_var, rtol=1e-4, atol=0)
+    # the same sums without the shift lose the offset channels' variance to cancellation in fp32:
+    naive = x.square().mean((2, 3)) - x.mean((2, 3)).square()
+    assert not torch.allclose(naive.double(), expected_var, rtol=1e-2)
 
 
 def test_channel_stats_group_norm_names_a_bad_group_count():
@@ -83,7 +112,7 @@ def test_rewrites_keep_the_unet_and_its_output_and_undo_exactly():
     counts = apply_inductor_rewrites(stage.unet)
     group_norms = [m for m in stage.unet.modules() if isinstance(m, nn.GroupNorm)]
     assert counts["group_norms"] == len(group_norms) > 0
-    assert all(type(m) is ChannelStatsGroupNorm for m in group_norms)
+    assert all(isinstance(m, ChannelStatsGroupNorm) for m in group_norms)
     assert counts["resnet_blocks"] > 0
     after_state = stage.unet.state_dict()
     assert after_state.keys() == state.keys()
@@ -98,8 +127,11 @@ def test_rewrites_keep_the_unet_and_its_output_and_undo_exactly():
     assert counts["padded_convs"] == len(thin) > 0  # conv_in: 6 channels
     assert all(type(m) is ChannelPaddedConv2d for m in thin)
     assert stage.unet.conv_in in thin
-    assert apply_inductor_rewrites(stage.unet) == {"group_norms": 0, "resnet_blocks": 0,
-                                                   "gelus": 0, "padded_convs": 0}
+    assert counts["upsamplers"] > 0  # the up blocks' last resnets
+    norm2s = [m.norm2 for m in stage.unet.modules() if isinstance(m, ResnetBlock2D)]
+    assert counts["conv_output_norms"] == counts["resnet_blocks"] == len(norm2s)
+    assert all(type(m) is ConvOutputGroupNorm for m in norm2s)
+    assert apply_inductor_rewrites(stage.unet) == dict.fromkeys(counts, 0)
     assert apply_inductor_rewrites(stage.unet, enabled=False) == counts
     assert all(type(m) is nn.GroupNorm for m in group_norms)
     assert all(type(m) is nn.GELU for m in gelus)
@@ -115,7 +147,10 @@ def test_compiled_rewrites_pin_layouts_for_inductor_and_keep_the_output():
     pins: list[int] = []
     targets: set[object] = set()
 
+    var_means: list[int] = []
+
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        var_means.append(sum(node.target is torch.var_mean for node in gm.graph.nodes))
         pins.append(sum(node.target is torch.ops.prims.inductor_force_stride_order.default
                         or node.target is torch.ops.prims.inductor_force_stride_order
                         for node in gm.graph.nodes))
@@ -130,11 +165,54 @@ def test_compiled_rewrites_pin_layouts_for_inductor_and_keep_the_output():
         torch._dynamo.reset()
     counts = apply_inductor_rewrites(stage.unet, enabled=False)  # already rewritten: undo counts
     assert counts["group_norms"] > 0
-    assert sum(pins) == 2 * counts["group_norms"] + 2 * counts["resnet_blocks"]
+    # a resnet that upsamples does so to its input and to its hidden states: two pins each
+    assert sum(pins) == 2 * (counts["group_norms"] + counts["resnet_blocks"] + counts["upsamplers"])
+    # Welford statistics (which inductor fuses with the input's producer) but after convolutions
+    assert var_means == [counts["group_norms"] - counts["conv_output_norms"]]
     assert counts["gelus"] > 0 and torch.exp2 in targets  # the fitted GELU was traced, ...
     assert not targets & {F.gelu, torch._C._nn.gelu}  # ... and no erf GELU is left
     assert counts["padded_convs"] > 0 and targets & {F.pad, torch._C._nn.pad}
     assert torch.allclose(compiled, eager, rtol=0, atol=5e-5)
+
+
+def test_upsampling_resnet_of_64_rows_compiles_its_convolutions_channels_last():
+    """diffusers makes an upsampling resnet's tensors NCHW from 64 rows on (an eager CUDA kernel's
+    limit), so inductor ran its convolutions in NCHW; rewritten, every convolution's input is
+    channels-last, and the block computes the same."""
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, out_channels=8, temb_channels=None, groups=4,
+                          up=True).eval()
+    x = torch.randn(64, 16, 4, 4).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager = block(x, None)
+    layouts: dict[bool, list[bool]] = {}
+    for rewritten in (False, True):
+        counts = apply_inductor_rewrites(block, enabled=rewritten)
+        if rewritten:
+            assert counts["upsamplers"] == 1 and type(block.upsample) is ChannelsLastUpsample2D
+        seen = layouts.setdefault(rewritten, [])
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: list, seen: list = seen) -> object:
+            seen.extend(node.args[0].meta["example_value"].is_contiguous(
+                memory_format=torch.channels_last) for node in gm.graph.nodes
+                if node.target in (torch.conv2d, F.conv2d))
+            return gm.forward
+
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                out = torch.compile(block, backend=backend)(x, None)
+        finally:
+            torch._dynamo.reset()
+        assert torch.allclose(out, eager, rtol=0, atol=1e-5)
+    assert layouts[False] == [False] * 3  # conv1, conv2 and the shortcut: NCHW, as diffusers has it
+    assert layouts[True] == [True] * 3
+
+
+def test_channels_last_upsampler_leaves_upsamplers_with_a_convolution():
+    assert ChannelsLastUpsample2D.wants(Upsample2D(8, use_conv=False))
+    assert not ChannelsLastUpsample2D.wants(Upsample2D(8, use_conv=True))
+    assert not ChannelsLastUpsample2D.wants(Upsample2D(8, use_conv_transpose=True))
 
 
 def _exact_gelu(x: torch.Tensor) -> torch.Tensor:
