@@ -12,11 +12,9 @@ parameters and state dict are unchanged.
    every pixel: strided loads. Here the mean and variance are taken per (sample, channel) over the
    pixels first, and each group's from its channels' (the pooled variance: the mean of the channel
    variances plus the variance of the channel means, free of cancellation). Statistics are fp32,
-   as in PyTorch's own kernels. Inductor makes ``var_mean`` a Welford reduction, bound by its
-   per-element division; it fuses the norm's input into it when an elementwise kernel of its own
-   makes that input (a concatenation, a residual sum). Where a convolution made the input (a
-   resnet block's second norm, :class:`ConvOutputGroupNorm`), there is nothing to fuse, and the
-   statistics are plain sums of shifted values in one pass (:func:`channel_var_mean`).
+   as in PyTorch's own kernels. They are plain sums of shifted values in one pass
+   (:func:`channel_var_mean`), not ``var_mean``, which inductor makes a Welford reduction bound by
+   its per-element division.
 2. **The normalisation as one multiply-add per element**, with a per-(sample, channel) scale and
    shift held in buffers of their own. Left to itself inductor inlines the small computations
    that make the scale and shift (a reciprocal square root among them) into the elementwise
@@ -60,19 +58,15 @@ from torch import nn
 
 
 def channel_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
-                             bias: torch.Tensor | None, eps: float,
-                             shifted_sums: bool = False) -> torch.Tensor:
-    """``F.group_norm(x, num_groups, weight, bias, eps)`` through per-channel statistics, taken by
-    ``torch.var_mean`` or, with ``shifted_sums``, by :func:`channel_var_mean`."""
+                             bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``F.group_norm(x, num_groups, weight, bias, eps)`` through per-channel statistics
+    (:func:`channel_var_mean`)."""
     n, c = x.shape[:2]
     if c % num_groups:
         raise ValueError(f"group norm: {c} channels do not split into {num_groups} groups")
     pixels = tuple(range(2, x.ndim))
     xf = x.float()
-    if shifted_sums:
-        var_c, mean_c = channel_var_mean(xf)  # (n, c)
-    else:
-        var_c, mean_c = torch.var_mean(xf, dim=pixels, correction=0)
+    var_c, mean_c = channel_var_mean(xf)  # (n, c)
     var_c = var_c.view(n, num_groups, -1)
     mean_c = mean_c.view(n, num_groups, -1)
     mean_g = mean_c.mean(-1, keepdim=True)
@@ -94,8 +88,7 @@ def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dtype, from one pass of plain sums rather than ``torch.var_mean``.
 
     Inductor turns ``var_mean`` over many pixels into a Welford reduction, a division and a running
-    update for every element, which bounds it by instructions rather than memory (16 x 160 x 256 x
-    256 fp16 channels-last, H200: 0.20 ms against 0.15 ms for these sums). Here the sums of
+    update for every element, which bounds it by instructions rather than memory. Here the sums of
     ``x - k`` and its square are taken in one pass, with ``k`` the mean of the first
     ``x.shape[-1]`` pixels of the channel (one row of an image): a shift close to the channel's
     mean, so that ``E[(x-k)²] - E[x-k]²`` does not cancel even for channels far from zero (the
@@ -111,21 +104,8 @@ def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class ChannelStatsGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` with the same parameters, computed by :func:`channel_stats_group_norm`."""
 
-    shifted_sums = False
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return channel_stats_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                                        self.shifted_sums)
-
-
-class ConvOutputGroupNorm(ChannelStatsGroupNorm):
-    """:class:`ChannelStatsGroupNorm` for an input a convolution wrote (cuDNN's output, which no
-    elementwise kernel before the statistics could be fused with): statistics from shifted sums.
-    Where inductor makes the input itself, its Welford reduction also writes that input, and a
-    separate reduction of sums would need the input written first, by a kernel of its own
-    (measured: the saving on the reductions went to new concatenation and sum kernels)."""
-
-    shifted_sums = True
+        return channel_stats_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def _pinned(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
@@ -236,20 +216,6 @@ def _swap_classes(module: nn.Module, old: type[nn.Module], new: type[nn.Module],
     return changed
 
 
-def _conv_output_norms(unet: nn.Module, enabled: bool) -> int:
-    """Make each resnet block's second group norm (its input is ``conv1``'s output) a
-    :class:`ConvOutputGroupNorm`, or back a :class:`ChannelStatsGroupNorm`; how many changed."""
-    old, new = ChannelStatsGroupNorm, ConvOutputGroupNorm
-    if not enabled:
-        old, new = new, old
-    changed = 0
-    for block in unet.modules():
-        if isinstance(block, ResnetBlock2D) and type(block.norm2) is old:
-            block.norm2.__class__ = new
-            changed += 1
-    return changed
-
-
 def apply_inductor_rewrites(unet: nn.Module, enabled: bool = True) -> dict[str, int]:
     """Rewrite ``unet``'s group norms, resnet blocks, upsamplers, GELUs and convolutions of few
     input channels in place as the module docstring says (same parameters, same state dict), or
@@ -262,9 +228,6 @@ def apply_inductor_rewrites(unet: nn.Module, enabled: bool = True) -> dict[str, 
              "gelus": (nn.GELU, ErfcFitGELU),
              "padded_convs": (nn.Conv2d, ChannelPaddedConv2d)}
     if not enabled:
-        conv_output_norms = _conv_output_norms(unet, enabled)
-        return {name: _swap_classes(unet, new, old) for name, (old, new) in pairs.items()} \
-            | {"conv_output_norms": conv_output_norms}
+        return {name: _swap_classes(unet, new, old) for name, (old, new) in pairs.items()}
     return {name: _swap_classes(unet, old, new, getattr(new, "wants", None))
-            for name, (old, new) in pairs.items()} \
-        | {"conv_output_norms": _conv_output_norms(unet, enabled)}
+            for name, (old, new) in pairs.items()}

@@ -15,7 +15,6 @@ from illusions.inductor_rewrites import (
     ChannelPaddedConv2d,
     ChannelsLastUpsample2D,
     ChannelStatsGroupNorm,
-    ConvOutputGroupNorm,
     ErfcFitGELU,
     apply_inductor_rewrites,
     channel_stats_group_norm,
@@ -36,15 +35,13 @@ def _inputs(shape: tuple[int, ...], offset: float, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("shape,groups", [((3, 64, 17, 9), 32), ((2, 12, 40), 3),
                                           ((1, 8, 4, 5, 6), 2)])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shifted_sums", [False, True])
-def test_channel_stats_group_norm_matches_group_norm_in_float64(shape, groups, affine,
-                                                                shifted_sums):
+def test_channel_stats_group_norm_matches_group_norm_in_float64(shape, groups, affine):
     x = _inputs(shape, offset=300.0, seed=len(shape) + groups).double()
     weight = torch.randn(shape[1], dtype=torch.float64) if affine else None
     bias = torch.randn(shape[1], dtype=torch.float64) if affine else None
     expected = F.group_norm(x, groups, weight, bias, 1e-5)
     got = channel_stats_group_norm(x.float(), groups, None if weight is None else weight.float(),
-                                   None if bias is None else bias.float(), 1e-5, shifted_sums)
+                                   None if bias is None else bias.float(), 1e-5)
     assert got.dtype == torch.float32
     # Statistics in fp32 over channels offset by hundreds: still a few fp32 ulps of the inputs.
     assert (got.double() - expected).abs().max().item() < 2e-3
@@ -55,14 +52,12 @@ def test_channel_stats_group_norm_matches_group_norm_in_float64(shape, groups, a
     assert ours < max(4 * theirs, 1e-6)  # as close as PyTorch's own fp32 group norm, roughly
 
 
-@pytest.mark.parametrize("shifted_sums", [False, True])
-def test_channel_stats_group_norm_in_fp16_and_channels_last_rounds_like_group_norm(shifted_sums):
+def test_channel_stats_group_norm_in_fp16_and_channels_last_rounds_like_group_norm():
     x = _inputs((2, 64, 16, 16), offset=3.0, seed=1).half()
     weight, bias = torch.randn(64).half(), torch.randn(64).half()
     expected = F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6)
     for layout in (torch.contiguous_format, torch.channels_last):
-        got = channel_stats_group_norm(x.contiguous(memory_format=layout), 32, weight, bias, 1e-6,
-                                       shifted_sums)
+        got = channel_stats_group_norm(x.contiguous(memory_format=layout), 32, weight, bias, 1e-6)
         assert got.dtype == torch.float16
         # fp16 output: within one rounding of fp16 at the outputs' magnitude.
         tol = expected.abs().max().item() * 2**-10
@@ -112,7 +107,7 @@ def test_rewrites_keep_the_unet_and_its_output_and_undo_exactly():
     counts = apply_inductor_rewrites(stage.unet)
     group_norms = [m for m in stage.unet.modules() if isinstance(m, nn.GroupNorm)]
     assert counts["group_norms"] == len(group_norms) > 0
-    assert all(isinstance(m, ChannelStatsGroupNorm) for m in group_norms)
+    assert all(type(m) is ChannelStatsGroupNorm for m in group_norms)
     assert counts["resnet_blocks"] > 0
     after_state = stage.unet.state_dict()
     assert after_state.keys() == state.keys()
@@ -128,9 +123,6 @@ def test_rewrites_keep_the_unet_and_its_output_and_undo_exactly():
     assert all(type(m) is ChannelPaddedConv2d for m in thin)
     assert stage.unet.conv_in in thin
     assert counts["upsamplers"] > 0  # the up blocks' last resnets
-    norm2s = [m.norm2 for m in stage.unet.modules() if isinstance(m, ResnetBlock2D)]
-    assert counts["conv_output_norms"] == counts["resnet_blocks"] == len(norm2s)
-    assert all(type(m) is ConvOutputGroupNorm for m in norm2s)
     assert apply_inductor_rewrites(stage.unet) == dict.fromkeys(counts, 0)
     assert apply_inductor_rewrites(stage.unet, enabled=False) == counts
     assert all(type(m) is nn.GroupNorm for m in group_norms)
@@ -167,8 +159,7 @@ def test_compiled_rewrites_pin_layouts_for_inductor_and_keep_the_output():
     assert counts["group_norms"] > 0
     # a resnet that upsamples does so to its input and to its hidden states: two pins each
     assert sum(pins) == 2 * (counts["group_norms"] + counts["resnet_blocks"] + counts["upsamplers"])
-    # Welford statistics (which inductor fuses with the input's producer) but after convolutions
-    assert var_means == [counts["group_norms"] - counts["conv_output_norms"]]
+    assert var_means == [0]  # statistics from sums: no Welford reductions
     assert counts["gelus"] > 0 and torch.exp2 in targets  # the fitted GELU was traced, ...
     assert not targets & {F.gelu, torch._C._nn.gelu}  # ... and no erf GELU is left
     assert counts["padded_convs"] > 0 and targets & {F.pad, torch._C._nn.pad}
