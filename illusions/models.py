@@ -434,9 +434,10 @@ class UNetStage:
         are enabled). The first call compiles, which takes one to two minutes for the full-size
         UNets.
 
-        With ``rewrites`` the UNet's group norms, resnet blocks, GELUs and thin convolutions are
-        first rewritten into forms inductor compiles better (:mod:`illusions.inductor_rewrites`:
-        IF-II-M 73.5 → 61.6 ms a call of 16 rows on an H200). In the default ``mode`` inductor
+        With ``rewrites`` the UNet's group norms, resnet blocks, upsamplers, GELUs and thin
+        convolutions are first rewritten into forms inductor compiles better
+        (:mod:`illusions.inductor_rewrites`: IF-II-M 73.5 → 61.6 ms a call of 16 rows on an
+        H200). In the default ``mode`` inductor
         also runs in its deterministic mode, which tunes no kernel by timing it: every process
         compiles the same kernels, so compiled replicas give one picture for one seed
         (bit-identical across processes, measured; about 1 % slower). Results differ from eager
