@@ -43,6 +43,7 @@ class ResultError(ValueError):
 
 
 MAX_SECONDS = 10.0  # --hold and --transition: longer makes a GIF of thousands of frames
+MAX_FRAMES = 1000  # distinct frames of one animation: each is held in memory until written
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,12 @@ def animate_result(result: Path, config: AnimateConfig | None = None) -> list[Pa
     run_dir, samples = find_samples(result)
     meta = load_metadata(run_dir)
     views = views_from_metadata(meta)
+    frames = len(animate.timeline(views, config.spec()))
+    if frames > MAX_FRAMES:
+        # A held pose is one frame however long; the transitions make the frames.
+        raise ValueError(f"--transition {config.transition:g} at --fps {config.fps} makes {frames} "
+                         f"frames for {len(views)} views, more than {MAX_FRAMES} (each is held in "
+                         "memory until the GIF is written): lower --transition or --fps")
     written: list[Path] = []
     for sample in samples:
         written += animate_sample(sample, views, [str(p) for p in meta["prompts"]], config)

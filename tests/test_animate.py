@@ -403,6 +403,24 @@ def test_cli_animate_refuses_endless_timings(tmp_path: Path, capsys, flag: str, 
     assert err.startswith(f"error: {flag} ") and "at most 10" in err and err.count("\n") == 1
 
 
+def test_cli_animate_refuses_too_many_frames_before_drawing_any(tmp_path: Path, capsys,
+                                                                 monkeypatch):
+    run = make_result(tmp_path, views=("identity", "rotate_cw", "flip", "rotate_180"),
+                      prompts=("a", "b", "c", "d"))
+    drawn: list[int] = []
+    monkeypatch.setattr(animation.animate, "render", lambda *a: drawn.append(1))
+    # 4 views: 4 poses and 2 * 10 s * 100 fps + 1 frames a change of view (identity: one leg)
+    assert cli.main(["animate", str(run), "--transition", "10", "--fps", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --transition 10 at --fps 100 makes ") and err.count("\n") == 1
+    assert "frames for 4 views, more than 1000" in err and "lower --transition or --fps" in err
+    assert not drawn and not list(run.glob("*/*.gif"))
+    # a long hold is one frame: allowed
+    monkeypatch.undo()
+    assert cli.main(["animate", str(run), "--hold", "10", "--transition", "0.1", "--fps", "20",
+                     "--video", "none"]) == 0
+
+
 def test_ctrl_c_in_animate_says_what_is_kept(tmp_path: Path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
