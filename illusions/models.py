@@ -437,11 +437,11 @@ class UNetStage:
         With ``rewrites`` the UNet's group norms, resnet blocks, upsamplers, GELUs and thin
         convolutions are first rewritten into forms inductor compiles better
         (:mod:`illusions.inductor_rewrites`: IF-II-M 73.5 → 61.6 ms a call of 16 rows on an
-        H200). In the default ``mode`` inductor
-        also runs in its deterministic mode, which tunes no kernel by timing it: every process
-        compiles the same kernels, so compiled replicas give one picture for one seed
-        (bit-identical across processes, measured; about 1 % slower). Results differ from eager
-        by fp16 rounding (≤ 6.8e-3 a call on IF-II-M), so the default path stays eager kernels.
+        H200). In the default ``mode`` inductor also runs in its deterministic mode, which tunes
+        no kernel by timing it: every process compiles the same kernels, so compiled replicas
+        give one picture for one seed (bit-identical across processes, measured; about 1 %
+        slower). Results differ from eager by fp16 rounding (≤ 6.8e-3 a call on IF-II-M), so the
+        default path stays eager kernels.
 
         With ``dynamic_batch`` (the default) the row count is a symbol of the compiled code: one
         compile serves every row count, and a new row count costs only its CUDA graph. Measured on
