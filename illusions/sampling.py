@@ -200,6 +200,9 @@ def _cfg_embeds(stage: UNetStage, prompt_embeds: torch.Tensor,
     return torch.cat([negative, prompt_embeds]).to(device=stage.device, dtype=stage.dtype)
 
 
+REF_IMAGE_SLACK = 1e-3  # rounding beyond [-1, 1] that a reference image may carry
+
+
 def _prepare_reference(ref_image: torch.Tensor | None, views: Sequence[View], size: int,
                        like: torch.Tensor) -> torch.Tensor | None:
     """Reference image (3, H, W) in [-1, 1] -> (3, size, size) for the inverse-problem mode."""
@@ -217,6 +220,10 @@ def _prepare_reference(ref_image: torch.Tensor | None, views: Sequence[View], si
             f"ref_image has shape {tuple(ref_image.shape)}: expected an RGB image (3, H, W)"
         )
     _check_values("ref_image", ref_image, like.dtype, "pass an RGB image with values in [-1, 1]")
+    largest = ref_image.abs().max().item()
+    if largest > 1 + REF_IMAGE_SLACK:
+        raise InvalidInputError(f"ref_image holds values up to {largest:.3g} in magnitude: pass "
+                                "an RGB image with values in [-1, 1]")
     return resize_reference(ref_image, size).to(device=like.device, dtype=like.dtype)
 
 

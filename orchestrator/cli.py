@@ -297,6 +297,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.common.server import ServerConfig, configure_logging
 
     security = server_security(args)  # a missing or unreadable file: one line, before anything
+    if args.service == "encoder":
+        unet_only = [flag for flag, given in (
+            ("--compile", args.compile), ("--no-cuda-graphs", args.no_cuda_graphs),
+            ("--max-batch", args.max_batch != 0), ("--fixed-batch", args.fixed_batch),
+            ("--batch-multiple", args.batch_multiple != 0)) if given]
+        if unet_only:
+            raise InvalidInputError(f"{', '.join(unet_only)} only apply to the UNet services "
+                                    "(serve stage1|stage2): leave them out for the encoder")
     if args.fixed_batch and args.max_batch < 1:
         raise InvalidInputError("--fixed-batch pads every UNet call to --max-batch rows: give "
                                 "--max-batch N too (e.g. 16)")

@@ -364,6 +364,10 @@ def test_option_combinations_that_cannot_work_are_refused_before_anything_starts
     assert "--port 70000: use 1 .. 65535, or 0 to pick a free port" in capsys.readouterr().err
     assert main(["serve", "stage2", "--max-concurrent", "0"]) == 2
     assert "--max-concurrent 0: use 1 or more" in capsys.readouterr().err
+    # The encoder has no UNet: its options would be ignored.
+    assert main(["serve", "encoder", "--compile", "--max-batch", "4", "--no-cuda-graphs"]) == 2
+    assert ("error: --compile, --no-cuda-graphs, --max-batch only apply to the UNet services "
+            "(serve stage1|stage2): leave them out for the encoder") in capsys.readouterr().err
     # Options of the services local mode starts would be ignored with remote services.
     for option, where in ((["--dtype", "float16"], "illusion serve stage1|stage2 --dtype"),
                           (["--stage2-model", "m"], "illusion serve stage2 --model"),

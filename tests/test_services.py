@@ -178,6 +178,15 @@ def _stage1_request(client: CascadeClient, **changes) -> pb.Stage1Request:
                                       reduction="median")}, "reduction"),
         ({"prompt_embeds": pb.Tensor(dtype="float32", shape=[2, 77, 32], data=b"x")}, "bytes"),
         ({"prompt_embeds": codec.encode(torch.full((2, 77, 32), float("nan")))}, "NaN"),
+        # finite, but far beyond an encoder's output: the UNet overflows, and the image is refused
+        ({"prompt_embeds": codec.encode(torch.full((2, 77, 32), 1e30))},
+         "stage1 made an image with NaN or infinite values from this request (prompt_embeds up "
+         "to |x| = 1e+30"),
+        ({"ref_image": codec.encode(torch.full((3, 64, 64), 2.0))},
+         "ref_image holds values up to 2 in magnitude: pass an RGB image with values in [-1, 1]"),
+        ({"ref_image": codec.encode(torch.zeros(3, 1100, 900))},
+         "ref_image is 1100 x 900 pixels, more than 1024 a side"),
+        ({"prompt_embeds": pb.Tensor()}, "prompt_embeds is missing"),
         ({"prompt_embeds": codec.encode(torch.zeros(2, 77, 16))}, "width"),
         ({"negative_prompt_embeds": codec.encode(torch.zeros(1, 77, 32, dtype=torch.int32))},
          "float"),
@@ -198,6 +207,8 @@ def test_bad_stage2_requests(client):
                 params=params)
     with pytest.raises(ServiceError, match="image is missing"):
         client.stage2(pb.Stage2Request(**base))
+    with pytest.raises(ServiceError, match="image is 1100 x 1100 pixels, more than 1024 a side"):
+        client.stage2(pb.Stage2Request(image=codec.encode(torch.zeros(1, 3, 1100, 1100)), **base))
     with pytest.raises(ServiceError, match="rng_state"):
         client.stage2(pb.Stage2Request(image=codec.encode(torch.zeros(1, 3, 64, 64)),
                                        rng_state=codec.encode(torch.zeros(3, dtype=torch.uint8)),

@@ -43,6 +43,8 @@ def encode(tensor: torch.Tensor) -> pb.Tensor:
 
 def decode(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     """Tensor message -> CPU tensor (a private copy). ``field`` names it in error messages."""
+    if not is_set(message) and not message.data:
+        raise CodecError(f"{field} is missing: fill in its dtype, shape and data")
     if message.dtype not in DTYPES:
         raise CodecError(
             f"{field}.dtype={message.dtype!r} is not supported: use one of {', '.join(DTYPES)}"

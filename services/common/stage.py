@@ -25,6 +25,10 @@ from services.common.server import ServerConfig
 logger = logging.getLogger(__name__)
 
 MAX_VIEWS = 16  # more views than this is a mistake, and the UNet batch would be 2x this
+# An image field's height and width. Stage 2 takes the stage-1 output (64 px) and a reference image
+# is resized to the stage's size (the `illusion` client sends it at that size); larger images only
+# cost memory, copied before the request waits for its turn.
+MAX_IMAGE_SIDE = 1024
 
 
 def views_from_specs(specs: Sequence[pb.ViewSpec]) -> list[View]:
@@ -65,14 +69,30 @@ def embeds_from_request(request: pb.Stage1Request | pb.Stage2Request
 def optional_image(message: pb.Tensor, field: str) -> torch.Tensor | None:
     if not codec.is_set(message):
         return None
+    if len(message.shape) >= 2 and max(message.shape[-2:]) > MAX_IMAGE_SIDE:
+        height, width = message.shape[-2:]
+        raise InvalidInputError(
+            f"{field} is {height} x {width} pixels, more than {MAX_IMAGE_SIDE} a side: send the "
+            "stage-1 output as stage 2's image, and a reference image resized to the stage's "
+            "sample size (Describe gives it)")
     image = codec.decode(message, field)
     if not image.is_floating_point():
         raise InvalidInputError(f"{field} has dtype {image.dtype}: send a float image in [-1, 1]")
     return image
 
 
-def sample_result(image: torch.Tensor, generator: torch.Generator) -> pb.SampleResult:
-    """The image as float32 and the generator's state, for the next stage."""
+def sample_result(image: torch.Tensor, generator: torch.Generator, service: str,
+                  inputs: dict[str, torch.Tensor | None]) -> pb.SampleResult:
+    """The image as float32 and the generator's state, for the next stage. An image with NaN or
+    infinite values is refused, with the magnitudes of the request's ``inputs``: finite inputs far
+    beyond what an encoder or a stage makes (1e30, say) overflow inside the UNet."""
+    if not torch.isfinite(image).all():
+        sizes = ", ".join(f"{name} up to |x| = {tensor.abs().max().item():.3g}"
+                          for name, tensor in inputs.items() if tensor is not None)
+        raise InvalidInputError(
+            f"{service} made an image with NaN or infinite values from this request ({sizes}): "
+            "its inputs are beyond what the model handles; send the encoder's embeddings"
+            + (" and the stage-1 output" if service == "stage2" else ""))
     return pb.SampleResult(image=codec.encode(image.float()),
                            rng_state=codec.encode(generator.get_state()))
 

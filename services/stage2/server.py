@@ -55,7 +55,9 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
         def work(progress, should_stop) -> pb.SampleResult:
             job = stage_2_job(stage, image, prompt_embeds, negative, views, generator, params,
                               ref_image=ref_image, callback=progress, should_stop=should_stop)
-            return sample_result(self.runner(stage).run(job), generator)
+            return sample_result(self.runner(stage).run(job), generator, "stage2",
+                                 {"image": image, "prompt_embeds": prompt_embeds,
+                                  "negative_prompt_embeds": negative, "ref_image": ref_image})
 
         with self.admission.slot(context.is_active):
             yield from stream_with_progress(work, context)
