@@ -30,6 +30,11 @@ ProgressCallback = Callable[[int, int], None]
 T = TypeVar("T")
 
 
+# What makes two services the same model for a run (the device may differ between replicas).
+SAME_MODEL_FIELDS = ("service", "model", "dtype", "quantize", "sample_size", "embed_dim",
+                     "random_weights")
+
+
 class ServiceError(RuntimeError):
     """A service could not be reached or refused a call; the message is meant for the user."""
 
@@ -284,6 +289,9 @@ class CascadeClient:
     RESOURCE_EXHAUSTED are tried again after the server's ``retry-after-ms`` hint (growing
     back-off, ``retry_timeout`` seconds in all). Every call is deterministic given its request
     (seeds and generator state travel in it), so a retried sample equals an undisturbed one.
+    After a lost call, a service that :meth:`describe` has described is described again once it
+    serves: one that came back as another model (a replica restarted with other settings, a
+    rolling update) stops the run with :class:`ServiceError` rather than mix models in it.
     """
 
     def __init__(self, encoder: str, stage1: str, stage2: str, timeout: float = 3600.0,
@@ -308,6 +316,7 @@ class CascadeClient:
         self._stage1 = pb_grpc.Stage1Stub(self.services["stage1"].channel)
         self._stage2 = pb_grpc.Stage2Stub(self.services["stage2"].channel)
         self.retries: dict[str, int] = {"encoder": 0, "stage1": 0, "stage2": 0}  # calls repeated
+        self.described: dict[str, pb.ModelInfo] = {}  # the first Describe of each service
 
     def close(self) -> None:
         for service in self.services.values():
@@ -369,6 +378,7 @@ class CascadeClient:
                                "serving (try %d of %d)", name, service.address, lost,
                                lost_tries + 1, MAX_ATTEMPTS)
                 service.wait_until_serving(self.retry_timeout, lost)
+                self._check_same_model(name)
             else:
                 assert error is not None
                 raise _translate(name, service.address, error, timeout) from None
@@ -379,11 +389,37 @@ class CascadeClient:
         return self._with_retries(
             name, lambda: call(request, timeout=timeout, metadata=self.metadata), timeout)
 
+    def _stub(self, name: str) -> Any:
+        return {"encoder": self._encoder, "stage1": self._stage1, "stage2": self._stage2}[name]
+
     def describe(self, services: Sequence[str] = ("encoder", "stage1", "stage2")
                  ) -> dict[str, pb.ModelInfo]:
-        stubs = {"encoder": self._encoder, "stage1": self._stage1, "stage2": self._stage2}
-        return {name: self._unary(name, stubs[name].Describe, pb.DescribeRequest(), 30.0)
-                for name in services}
+        infos = {name: self._unary(name, self._stub(name).Describe, pb.DescribeRequest(), 30.0)
+                 for name in services}
+        for name, info in infos.items():
+            self.described.setdefault(name, info)
+        return infos
+
+    def _check_same_model(self, name: str) -> None:
+        """After a lost call: the service that serves again is the model described first."""
+        first = self.described.get(name)
+        if first is None:
+            return
+        try:
+            now = self._stub(name).Describe(pb.DescribeRequest(), timeout=30.0,
+                                            metadata=self.metadata)
+        except grpc.RpcError:
+            return  # the next attempt finds out what is wrong, and says so
+        changed = [f"{field} {getattr(now, field)!r}, was {getattr(first, field)!r}"
+                   for field in SAME_MODEL_FIELDS if getattr(now, field) != getattr(first, field)]
+        if changed:
+            address = self.services[name].address
+            raise ServiceError(
+                f"{name} at {address} came back as another model ({'; '.join(changed)}): the "
+                "run would mix two models' samples, so it stops here with its finished samples "
+                f"kept. Run every {name} replica with the same settings, then rerun the same "
+                "command to resume (or start a new run for the new model)",
+                grpc.StatusCode.FAILED_PRECONDITION)
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (prompt_embeds (N,77,D), negative_prompt_embeds (1,77,D))."""

@@ -330,6 +330,66 @@ def test_a_service_that_stays_away_is_a_clear_error_after_retry_timeout():
     assert 2 <= waited < 10
 
 
+class _RestartedEncoder(pb_grpc.EncoderServicer):
+    """An encoder whose first Encode call is lost as it restarts, as ``restarted_as`` when given
+    (a replica restarted with other settings); the Encode tried again answers."""
+
+    def __init__(self, restarted_as: pb.ModelInfo | None) -> None:
+        self.info = pb.ModelInfo(service="encoder", model="t5", dtype="float32", embed_dim=4)
+        self.restarted_as, self.encodes = restarted_as, 0
+
+    def Describe(self, request, context):  # noqa: N802
+        return self.info
+
+    def Encode(self, request, context):  # noqa: N802
+        self.encodes += 1
+        if self.encodes == 1:
+            self.info = self.restarted_as or self.info
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        embeds = codec.encode(torch.zeros(len(request.prompts), 77, 4))
+        return pb.EncodeResponse(prompt_embeds=embeds,
+                                 negative_prompt_embeds=codec.encode(torch.zeros(1, 77, 4)))
+
+
+@contextmanager
+def _encoder_serving(servicer: pb_grpc.EncoderServicer) -> Iterator[str]:
+    stop, ready, address = threading.Event(), threading.Event(), []
+    thread = threading.Thread(target=serve, daemon=True, args=(
+        ServerConfig(service="encoder", model="t5", grace_s=0.5),
+        lambda s: pb_grpc.add_EncoderServicer_to_server(servicer, s),
+        lambda: servicer.info,
+        lambda line: (address.append(line.rsplit(" ", 1)[-1]), ready.set()), stop))
+    thread.start()
+    assert ready.wait(30)
+    try:
+        yield address[0]
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_a_service_that_comes_back_as_another_model_stops_the_run():
+    """A lost call is tried again once the service serves; if it came back with other settings
+    (a rolling update of a replica's arguments), the client says so instead of mixing models."""
+    same = _RestartedEncoder(restarted_as=None)
+    with _encoder_serving(same) as address, \
+            CascadeClient(address, address, address, retry_timeout=5) as client:
+        client.describe(["encoder"])
+        prompts, _ = client.encode(["a", "b"])
+        assert prompts.shape == (2, 77, 4) and client.retries["encoder"] == 1
+    other = _RestartedEncoder(pb.ModelInfo(service="encoder", model="t5", dtype="bfloat16",
+                                           embed_dim=4))
+    with _encoder_serving(other) as address, \
+            CascadeClient(address, address, address, retry_timeout=5) as client, \
+            pytest.raises(ServiceError) as info:
+        client.describe(["encoder"])
+        client.encode(["a", "b"])
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert (f"encoder at {address} came back as another model (dtype 'bfloat16', was "
+            "'float32'): the run would mix two models' samples") in str(info.value)
+    assert other.encodes == 1  # not tried again on the other model
+
+
 # ----------------------------------------------------------------------------- cancellation
 
 
