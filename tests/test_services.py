@@ -440,3 +440,30 @@ def test_a_message_over_the_limit_is_not_called_overload():
     assert text.startswith("stage1 at 10.0.0.7:50051: a message is larger than the 256 MiB gRPC "
                            "allows (CLIENT: Sent message larger than max")
     assert "overloaded" not in text
+
+
+@pytest.mark.parametrize(("quantize", "hint"), [
+    ("4bit", "--quantize 4bit may not work for this model on cpu: try 8bit, int8 or none"),
+    ("none", "check the model files"),
+])
+def test_an_encoder_that_loads_but_cannot_encode_is_one_sentence(monkeypatch, quantize, hint):
+    """bitsandbytes' 4-bit layers on the CPU failed in the warm-up with a RuntimeError deep in
+    its code, printed as a traceback; now the service refuses to start in one sentence."""
+    from illusions.models import ModelLoadError
+    from services.encoder import server as encoder_server
+
+    class Broken:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs) -> Broken:
+            return cls()
+
+        def encode(self, prompts: list[str]) -> None:
+            raise RuntimeError("shape '[32, 0]' is invalid for input of size 16")
+
+    monkeypatch.setattr(encoder_server, "TextEncoder", Broken)
+    config = ServerConfig(service="encoder", model="t5-dir", quantize=quantize)
+    with pytest.raises(ModelLoadError) as info:
+        encoder_server.main(config, stop=threading.Event())
+    assert str(info.value) == (
+        "the T5 text encoder from t5-dir loaded but could not encode a prompt (shape '[32, 0]' "
+        f"is invalid for input of size 16): {hint}")

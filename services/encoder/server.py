@@ -9,6 +9,7 @@ import grpc
 
 from anagram.v1 import anagram_pb2 as pb
 from anagram.v1 import anagram_pb2_grpc as pb_grpc
+from illusions.models import ModelLoadError
 from illusions.sampling import InvalidInputError, SamplingCancelled
 from illusions.text import TextEncoder
 from services.common import codec
@@ -64,7 +65,14 @@ def main(config: ServerConfig, stop: threading.Event | None = None,
             config.model, device=config.device, dtype=config.dtype, quantize=config.quantize,
             random_weights=config.random_weights,
         )
-        encoder.encode(["warm-up"])
+        try:
+            encoder.encode(["warm-up"])
+        except RuntimeError as exc:  # e.g. bitsandbytes 4-bit on the CPU, for some layer widths
+            hint = (f"--quantize {config.quantize} may not work for this model on "
+                    f"{config.device}: try 8bit, int8 or none" if config.quantize != "none"
+                    else "check the model files")
+            raise ModelLoadError(f"the T5 text encoder from {config.model} loaded but could not "
+                                 f"encode a prompt ({exc}): {hint}") from exc
         info = pb.ModelInfo(
             service="encoder", model=config.model, device=str(encoder.device),
             dtype=str(encoder.dtype).removeprefix("torch."), quantize=config.quantize,
