@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -352,12 +352,13 @@ class _RestartedEncoder(pb_grpc.EncoderServicer):
 
 
 @contextmanager
-def _encoder_serving(servicer: pb_grpc.EncoderServicer) -> Iterator[str]:
+def _encoder_serving(servicer: pb_grpc.EncoderServicer, load: Callable[[], pb.ModelInfo],
+                     model: str = "t5") -> Iterator[str]:
+    """``servicer`` served in a thread (``load`` as the model's loading); yields its address."""
     stop, ready, address = threading.Event(), threading.Event(), []
     thread = threading.Thread(target=serve, daemon=True, args=(
-        ServerConfig(service="encoder", model="t5", grace_s=0.5),
-        lambda s: pb_grpc.add_EncoderServicer_to_server(servicer, s),
-        lambda: servicer.info,
+        ServerConfig(service="encoder", model=model, grace_s=0.5),
+        lambda s: pb_grpc.add_EncoderServicer_to_server(servicer, s), load,
         lambda line: (address.append(line.rsplit(" ", 1)[-1]), ready.set()), stop))
     thread.start()
     assert ready.wait(30)
@@ -372,14 +373,14 @@ def test_a_service_that_comes_back_as_another_model_stops_the_run():
     """A lost call is tried again once the service serves; if it came back with other settings
     (a rolling update of a replica's arguments), the client says so instead of mixing models."""
     same = _RestartedEncoder(restarted_as=None)
-    with _encoder_serving(same) as address, \
+    with _encoder_serving(same, lambda: same.info) as address, \
             CascadeClient(address, address, address, retry_timeout=5) as client:
         client.describe(["encoder"])
         prompts, _ = client.encode(["a", "b"])
         assert prompts.shape == (2, 77, 4) and client.retries["encoder"] == 1
     other = _RestartedEncoder(pb.ModelInfo(service="encoder", model="t5", dtype="bfloat16",
                                            embed_dim=4))
-    with _encoder_serving(other) as address, \
+    with _encoder_serving(other, lambda: other.info) as address, \
             CascadeClient(address, address, address, retry_timeout=5) as client, \
             pytest.raises(ServiceError) as info:
         client.describe(["encoder"])
@@ -407,25 +408,15 @@ class _SlowT5:
 
 @contextmanager
 def slow_encoder(model: _SlowT5) -> Iterator[str]:
-    config = ServerConfig(service="encoder", model="slow", grace_s=0.5)
     handle: ModelHandle[_SlowT5] = ModelHandle("encoder")
     servicer = EncoderServicer(handle, Admission(1, 4))  # type: ignore[arg-type]
-    stop, ready, address = threading.Event(), threading.Event(), []
 
     def load() -> pb.ModelInfo:
         handle.set(model, pb.ModelInfo(service="encoder"))
         return handle.info
 
-    thread = threading.Thread(target=serve, daemon=True, args=(
-        config, lambda s: pb_grpc.add_EncoderServicer_to_server(servicer, s), load,
-        lambda line: (address.append(line.rsplit(" ", 1)[-1]), ready.set()), stop))
-    thread.start()
-    assert ready.wait(30)
-    try:
-        yield address[0]
-    finally:
-        stop.set()
-        thread.join(10)
+    with _encoder_serving(servicer, load, model="slow") as address:
+        yield address
 
 
 def test_encoder_skips_calls_cancelled_or_expired_while_queued():
