@@ -187,6 +187,10 @@ def _stage1_request(client: CascadeClient, **changes) -> pb.Stage1Request:
         ({"ref_image": codec.encode(torch.zeros(3, 1100, 900))},
          "ref_image is 1100 x 900 pixels, more than 1024 a side"),
         ({"prompt_embeds": pb.Tensor()}, "prompt_embeds is missing"),
+        # refused from the header, before its (here absent) 2.5 GB of data would be copied
+        ({"prompt_embeds": pb.Tensor(dtype="float32", shape=[1000, 77, 8192])},
+         "prompt_embeds has shape [1000, 77, 8192], more values than 16 prompts of 77 tokens "
+         "8192 wide"),
         ({"prompt_embeds": codec.encode(torch.zeros(2, 77, 16))}, "width"),
         ({"negative_prompt_embeds": codec.encode(torch.zeros(1, 77, 32, dtype=torch.int32))},
          "float"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Sequence
 
@@ -29,6 +30,7 @@ MAX_VIEWS = 16  # more views than this is a mistake, and the UNet batch would be
 # is resized to the stage's size (the `illusion` client sends it at that size); larger images only
 # cost memory, copied before the request waits for its turn.
 MAX_IMAGE_SIDE = 1024
+MAX_EMBED_DIM = 8192  # widest prompt embeddings taken (T5-XXL's are 4096); bounds the copy as above
 
 
 def views_from_specs(specs: Sequence[pb.ViewSpec]) -> list[View]:
@@ -58,6 +60,14 @@ def params_from_proto(params: pb.SamplingParams) -> SamplingParams:
 
 def embeds_from_request(request: pb.Stage1Request | pb.Stage2Request
                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    limit = MAX_VIEWS * MAX_LENGTH * MAX_EMBED_DIM
+    for name, message in (("prompt_embeds", request.prompt_embeds),
+                          ("negative_prompt_embeds", request.negative_prompt_embeds)):
+        if math.prod(message.shape) > limit:
+            raise InvalidInputError(
+                f"{name} has shape {list(message.shape)}, more values than {MAX_VIEWS} prompts "
+                f"of {MAX_LENGTH} tokens {MAX_EMBED_DIM} wide: send the encoder's embeddings, one "
+                "prompt per view")
     prompt = codec.decode(request.prompt_embeds, "prompt_embeds")
     negative = codec.decode(request.negative_prompt_embeds, "negative_prompt_embeds")
     for name, tensor in (("prompt_embeds", prompt), ("negative_prompt_embeds", negative)):
