@@ -178,8 +178,9 @@ def _check_embeds(stage: UNetStage, prompt_embeds: torch.Tensor,
         _check_values(name, t, stage.dtype, "re-encode the prompts")
 
 
-def _check_values(name: str, t: torch.Tensor, dtype: torch.dtype, fix: str) -> None:
-    """``t`` is finite, and stays finite in ``dtype`` (the UNet's)."""
+def _check_values(name: str, t: torch.Tensor, dtype: torch.dtype, fix: str) -> float:
+    """``t`` is finite, and stays finite in ``dtype`` (the UNet's); returns its largest
+    magnitude."""
     if t.numel() == 0:
         raise InvalidInputError(f"{name} is empty (shape {tuple(t.shape)}): {fix}")
     if not torch.isfinite(t).all():
@@ -190,6 +191,7 @@ def _check_values(name: str, t: torch.Tensor, dtype: torch.dtype, fix: str) -> N
             f"{name} holds {largest:.3g}, beyond what the UNet's {str(dtype).removeprefix('torch.')} "
             f"can hold ({torch.finfo(dtype).max:.3g}): {fix}"
         )
+    return largest
 
 
 def _cfg_embeds(stage: UNetStage, prompt_embeds: torch.Tensor,
@@ -219,8 +221,8 @@ def _prepare_reference(ref_image: torch.Tensor | None, views: Sequence[View], si
         raise InvalidInputError(
             f"ref_image has shape {tuple(ref_image.shape)}: expected an RGB image (3, H, W)"
         )
-    _check_values("ref_image", ref_image, like.dtype, "pass an RGB image with values in [-1, 1]")
-    largest = ref_image.abs().max().item()
+    largest = _check_values("ref_image", ref_image, like.dtype,
+                            "pass an RGB image with values in [-1, 1]")
     if largest > 1 + REF_IMAGE_SLACK:
         raise InvalidInputError(f"ref_image holds values up to {largest:.3g} in magnitude: pass "
                                 "an RGB image with values in [-1, 1]")
