@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from anagram.v1 import anagram_pb2 as pb
@@ -22,17 +23,19 @@ from anagram.v1 import anagram_pb2_grpc as pb_grpc
 from services.common import codec
 from services.common.errors import RETRY_AFTER_KEY
 from services.common.security import ClientSecurity
-from services.common.server import GRPC_OPTIONS, KEEPALIVE_S, MAX_MESSAGE_BYTES, SERVICE_NAMES
+from services.common.server import (
+    GRPC_OPTIONS,
+    KEEPALIVE_S,
+    MAX_MESSAGE_BYTES,
+    MODEL_KEY,
+    SAME_MODEL_FIELDS,
+    SERVICE_NAMES,
+)
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 T = TypeVar("T")
-
-
-# What makes two services the same model for a run (the device may differ between replicas).
-SAME_MODEL_FIELDS = ("service", "model", "dtype", "quantize", "sample_size", "embed_dim",
-                     "random_weights")
 
 
 class ServiceError(RuntimeError):
@@ -289,9 +292,10 @@ class CascadeClient:
     RESOURCE_EXHAUSTED are tried again after the server's ``retry-after-ms`` hint (growing
     back-off, ``retry_timeout`` seconds in all). Every call is deterministic given its request
     (seeds and generator state travel in it), so a retried sample equals an undisturbed one.
-    After a lost call, a service that :meth:`describe` has described is described again once it
-    serves: one that came back as another model (a replica restarted with other settings, a
-    rolling update) stops the run with :class:`ServiceError` rather than mix models in it.
+    Every answer names the model of the replica that gives it: one that is not the model the run
+    began with (the first :meth:`describe`, else the first answer) stops the run with
+    :class:`ServiceError` rather than mix models in it: a replica restarted with other settings,
+    a rolling update, a fleet whose replicas differ.
     """
 
     def __init__(self, encoder: str, stage1: str, stage2: str, timeout: float = 3600.0,
@@ -316,7 +320,8 @@ class CascadeClient:
         self._stage1 = pb_grpc.Stage1Stub(self.services["stage1"].channel)
         self._stage2 = pb_grpc.Stage2Stub(self.services["stage2"].channel)
         self.retries: dict[str, int] = {"encoder": 0, "stage1": 0, "stage2": 0}  # calls repeated
-        self.described: dict[str, pb.ModelInfo] = {}  # the first Describe of each service
+        # Each service's model as first described (or as its first answer named it).
+        self.described: dict[str, pb.ModelInfo] = {}
 
     def close(self) -> None:
         for service in self.services.values():
@@ -378,7 +383,6 @@ class CascadeClient:
                                "serving (try %d of %d)", name, service.address, lost,
                                lost_tries + 1, MAX_ATTEMPTS)
                 service.wait_until_serving(self.retry_timeout, lost)
-                self._check_same_model(name)
             else:
                 assert error is not None
                 raise _translate(name, service.address, error, timeout) from None
@@ -400,31 +404,43 @@ class CascadeClient:
             self.described.setdefault(name, info)
         return infos
 
-    def _check_same_model(self, name: str) -> None:
-        """After a lost call: the service that serves again is the model described first."""
-        first = self.described.get(name)
-        if first is None:
+    def _check_answer(self, name: str, call: grpc.Call) -> None:
+        """The replica answering ``call`` serves the model of the run (:data:`MODEL_KEY` in the
+        call's initial metadata); if not, the call is cancelled and the run stops here."""
+        answered = None
+        for key, value in call.initial_metadata() or ():
+            if key == MODEL_KEY:
+                try:
+                    answered = pb.ModelInfo.FromString(value)
+                except DecodeError:
+                    return  # not an illusion service's answer: the call itself will say more
+        if answered is None:
+            return  # the call failed before it answered, and says why
+        first = self.described.setdefault(name, answered)
+        changed = [f"{field} {getattr(answered, field)!r}, the run's is {getattr(first, field)!r}"
+                   for field in SAME_MODEL_FIELDS if getattr(answered, field) != getattr(first, field)]
+        if not changed:
             return
-        try:
-            now = self._stub(name).Describe(pb.DescribeRequest(), timeout=30.0,
-                                            metadata=self.metadata)
-        except grpc.RpcError:
-            return  # the next attempt finds out what is wrong, and says so
-        changed = [f"{field} {getattr(now, field)!r}, was {getattr(first, field)!r}"
-                   for field in SAME_MODEL_FIELDS if getattr(now, field) != getattr(first, field)]
-        if changed:
-            address = self.services[name].address
-            raise ServiceError(
-                f"{name} at {address} came back as another model ({'; '.join(changed)}): the "
-                "run would mix two models' samples, so it stops here with its finished samples "
-                f"kept. Run every {name} replica with the same settings, then rerun the same "
-                "command to resume (or start a new run for the new model)",
-                grpc.StatusCode.FAILED_PRECONDITION)
+        call.cancel()
+        address = self.services[name].address
+        where = f"a replica of {name} at {address}" if "," in address else f"{name} at {address}"
+        raise ServiceError(
+            f"{where} answered as another model ({'; '.join(changed)}): the run would mix two "
+            "models' samples, so it stops here with its finished samples kept. Run every "
+            f"{name} replica with the same settings, then rerun the same command to resume (or "
+            "start a new run for the new model)",
+            grpc.StatusCode.FAILED_PRECONDITION)
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (prompt_embeds (N,77,D), negative_prompt_embeds (1,77,D))."""
-        reply = self._unary("encoder", self._encoder.Encode,
-                            pb.EncodeRequest(prompts=list(prompts)), min(self.timeout, 600.0))
+        request, timeout = pb.EncodeRequest(prompts=list(prompts)), min(self.timeout, 600.0)
+
+        def attempt() -> pb.EncodeResponse:
+            call = self._encoder.Encode.future(request, timeout=timeout, metadata=self.metadata)
+            self._check_answer("encoder", call)
+            return call.result()
+
+        reply = self._with_retries("encoder", attempt, timeout)
         return (codec.decode(reply.prompt_embeds, "prompt_embeds"),
                 codec.decode(reply.negative_prompt_embeds, "negative_prompt_embeds"))
 
@@ -432,7 +448,9 @@ class CascadeClient:
                 request: object, progress: ProgressCallback | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         def attempt() -> tuple[torch.Tensor, torch.Tensor]:
-            for event in method(request, timeout=self.timeout, metadata=self.metadata):
+            call = method(request, timeout=self.timeout, metadata=self.metadata)
+            self._check_answer(name, call)
+            for event in call:
                 if event.HasField("progress"):
                     if progress is not None:
                         progress(event.progress.step, event.progress.total)

@@ -28,7 +28,7 @@ from orchestrator.cli import main as cli_main
 from orchestrator.client import CascadeClient, ServiceError, open_channel
 from orchestrator.pipeline import GenerateConfig, RunMismatchError, generate
 from services.common import codec
-from services.common.server import Admission, ModelHandle, ServerConfig, serve
+from services.common.server import Admission, ModelHandle, ServerConfig, model_metadata, serve
 from services.encoder.server import EncoderServicer
 
 # Small enough for 2 CPU cores: stage 2 at 256 px costs about a second a step here.
@@ -346,6 +346,7 @@ class _RestartedEncoder(pb_grpc.EncoderServicer):
         if self.encodes == 1:
             self.info = self.restarted_as or self.info
             context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        context.send_initial_metadata(model_metadata(self.info))
         embeds = codec.encode(torch.zeros(len(request.prompts), 77, 4))
         return pb.EncodeResponse(prompt_embeds=embeds,
                                  negative_prompt_embeds=codec.encode(torch.zeros(1, 77, 4)))
@@ -386,9 +387,31 @@ def test_a_service_that_comes_back_as_another_model_stops_the_run():
         client.describe(["encoder"])
         client.encode(["a", "b"])
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert (f"encoder at {address} came back as another model (dtype 'bfloat16', was "
+    assert (f"encoder at {address} answered as another model (dtype 'bfloat16', the run's is "
             "'float32'): the run would mix two models' samples") in str(info.value)
-    assert other.encodes == 1  # not tried again on the other model
+    assert other.encodes == 2  # its answer on the other model was refused, not tried again
+
+
+def test_a_replica_of_another_model_among_the_replicas_stops_the_run():
+    """Two real encoder replicas behind one round_robin target, one loaded in bfloat16: every
+    answer names its model, so the first answer of the odd replica stops the run, and names it.
+    Replicas with the same settings answer call after call."""
+    model = str(STAGE1_DIR)
+    with running("encoder", model) as a, running("encoder", model) as b, \
+            CascadeClient(f"{a},{b}", a, a, retry_timeout=5) as client:
+        client.describe(["encoder"])
+        for _ in range(4):
+            assert client.encode(["a"])[0].dtype == torch.float32
+    with running("encoder", model) as a, running("encoder", model, dtype="bfloat16") as b, \
+            CascadeClient(f"{a},{b}", a, a, retry_timeout=5) as client:
+        first = client.describe(["encoder"])["encoder"].dtype  # round_robin starts anywhere
+        with pytest.raises(ServiceError) as info:
+            for _ in range(4):
+                client.encode(["a"])
+    other = {"float32": "bfloat16", "bfloat16": "float32"}[first]
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert (f"a replica of encoder at {a},{b} answered as another model (dtype '{other}', the "
+            f"run's is '{first}')") in str(info.value)
 
 
 # ----------------------------------------------------------------------------- cancellation

@@ -56,6 +56,18 @@ SERVICE_NAMES = {
     "stage1": "anagram.v1.Stage1",
     "stage2": "anagram.v1.Stage2",
 }
+# What makes two services the same model for a run (the device may differ between replicas).
+SAME_MODEL_FIELDS = ("service", "model", "dtype", "quantize", "sample_size", "embed_dim",
+                     "random_weights")
+# Initial metadata of every Encode and Sample answer: a ModelInfo holding SAME_MODEL_FIELDS of the
+# replica that answers, so that a client behind round_robin can tell which model made each answer.
+MODEL_KEY = "anagram-model-bin"
+
+
+def model_metadata(info: pb.ModelInfo) -> tuple[tuple[str, bytes], ...]:
+    """The initial metadata that names the model ``info`` describes (``MODEL_KEY``)."""
+    same = pb.ModelInfo(**{name: getattr(info, name) for name in SAME_MODEL_FIELDS})
+    return ((MODEL_KEY, same.SerializeToString(deterministic=True)),)
 
 
 @dataclass(frozen=True)
@@ -270,6 +282,14 @@ class ModelHandle(Generic[T]):
         if self._model is None:
             raise NotReady(f"{self._service} is still loading its model: retry in a moment")
         return self._model
+
+    def answering(self, context: grpc.ServicerContext) -> T:
+        """The model, once the call's initial metadata has told the client which model answers
+        (:func:`model_metadata`): a client checks every answer against the model its run began
+        with, so a replica with other settings cannot slip samples of another model into it."""
+        model = self.get()
+        context.send_initial_metadata(model_metadata(self.info))
+        return model
 
 
 def stream_with_progress(

@@ -28,7 +28,7 @@ class EncoderServicer(pb_grpc.EncoderServicer):
     @rpc_errors
     def Encode(self, request: pb.EncodeRequest, context: grpc.ServicerContext  # noqa: N802
                ) -> pb.EncodeResponse:
-        encoder = self.model.get()
+        encoder = self.model.answering(context)
         prompts = list(request.prompts)
         if not prompts:
             raise InvalidInputError("prompts is empty: give one prompt per view")

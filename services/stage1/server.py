@@ -33,7 +33,7 @@ class Stage1Servicer(pb_grpc.Stage1Servicer):
 
     @rpc_errors
     def Sample(self, request: pb.Stage1Request, context: grpc.ServicerContext):  # noqa: N802
-        stage = self.model.get()
+        stage = self.model.answering(context)
         prompt_embeds, negative = embeds_from_request(request)
         views = views_from_specs(request.views)
         params = params_from_proto(request.params)

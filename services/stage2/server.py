@@ -39,7 +39,7 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
 
     @rpc_errors
     def Sample(self, request: pb.Stage2Request, context: grpc.ServicerContext):  # noqa: N802
-        stage = self.model.get()
+        stage = self.model.answering(context)
         image = optional_image(request.image, "image")
         if image is None:
             raise InvalidInputError("image is missing: send the stage-1 output (1, 3, H, H)")
