@@ -118,10 +118,11 @@ def test_rewrites_keep_the_unet_and_its_output_and_undo_exactly():
     gelus = [m for m in stage.unet.modules() if isinstance(m, nn.GELU)]
     assert counts["gelus"] == len(gelus) > 0
     assert all(type(m) is ErfcFitGELU for m in gelus)
-    thin = [m for m in stage.unet.modules() if isinstance(m, nn.Conv2d) and m.in_channels % 8]
-    assert counts["padded_convs"] == len(thin) > 0  # conv_in: 6 channels
+    thin = [m for m in stage.unet.modules()
+            if isinstance(m, nn.Conv2d) and (m.in_channels % 8 or m.out_channels % 8)]
+    assert counts["padded_convs"] == len(thin) > 0
     assert all(type(m) is ChannelPaddedConv2d for m in thin)
-    assert stage.unet.conv_in in thin
+    assert stage.unet.conv_in in thin and stage.unet.conv_out in thin  # 6 channels in, 6 out
     assert counts["upsamplers"] > 0  # the up blocks' last resnets
     assert apply_inductor_rewrites(stage.unet) == dict.fromkeys(counts, 0)
     assert apply_inductor_rewrites(stage.unet, enabled=False) == counts
@@ -254,10 +255,13 @@ def test_fitted_gelu_module_is_pytorchs_outside_compiling_and_for_tanh():
     assert torch.equal(compiled, erfc_fit_gelu(x))
 
 
-@pytest.mark.parametrize("channels,stride", [(6, 1), (3, 2), (13, 1)])
-def test_channel_padded_conv_pads_only_while_compiling_and_computes_the_same(channels, stride):
-    g = torch.Generator().manual_seed(channels)
-    conv = nn.Conv2d(channels, 5, 3, stride=stride, padding=1)
+@pytest.mark.parametrize("channels,outputs,stride,bias",
+                         [(6, 16, 1, True), (3, 16, 2, True), (13, 5, 1, True), (16, 6, 1, True),
+                          (16, 6, 2, False)])
+def test_channel_padded_conv_pads_only_while_compiling_and_computes_the_same(channels, outputs,
+                                                                              stride, bias):
+    g = torch.Generator().manual_seed(channels + outputs)
+    conv = nn.Conv2d(channels, outputs, 3, stride=stride, padding=1, bias=bias)
     x = torch.randn(2, channels, 9, 11, generator=g)
     expected = conv(x)
     assert ChannelPaddedConv2d.wants(conv)
@@ -275,13 +279,18 @@ def test_channel_padded_conv_pads_only_while_compiling_and_computes_the_same(cha
         compiled = torch.compile(conv, backend=backend)(x)
     finally:
         torch._dynamo.reset()
-    padded = -channels % 8 + channels
-    assert sorted(shapes) == sorted([(2, padded, 9, 11), (5, padded, 3, 3)])
+    padded_in = -channels % 8 + channels
+    padded_out = outputs if outputs % 8 == 0 else -outputs % 32 + outputs  # 5, 6 -> 32
+    expected_pads = [(padded_out, padded_in, 3, 3)]  # the weight, padded in both at once
+    expected_pads += [(2, padded_in, 9, 11)] if padded_in != channels else []
+    expected_pads += [(padded_out,)] if padded_out != outputs and bias else []
+    assert sorted(shapes) == sorted(expected_pads)
+    assert compiled.shape == expected.shape  # the extra outputs dropped
     assert torch.allclose(compiled, expected, rtol=0, atol=1e-5)
 
 
 def test_channel_padded_conv_leaves_wide_grouped_and_other_convs():
-    assert not ChannelPaddedConv2d.wants(nn.Conv2d(16, 4, 3))
+    assert not ChannelPaddedConv2d.wants(nn.Conv2d(16, 8, 3))
     assert not ChannelPaddedConv2d.wants(nn.Conv2d(6, 6, 3, groups=3))
     assert not ChannelPaddedConv2d.wants(nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"))
     assert not ChannelPaddedConv2d.wants(nn.Conv1d(6, 4, 3))
