@@ -30,7 +30,9 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,35 @@ def timeline(calls: list[tuple[str, float, float]], origin: float) -> dict[str, 
     return out
 
 
+class StepClock:
+    """When the steps of many stage calls were reported done (a service reports a step once the
+    GPU has finished it), to tell where a stage's time goes: before its first step is done, between
+    steps, and after its last step (the results' return)."""
+
+    def __init__(self) -> None:
+        self.origin = time.perf_counter()
+        self.reports: list[list[tuple[float, int, int]]] = []  # per call: (seconds, step, total)
+
+    def progress(self) -> Callable[[int, int], None]:
+        """A progress callback for one more call."""
+        mine: list[tuple[float, int, int]] = []
+        self.reports.append(mine)
+        return lambda step, total: mine.append((time.perf_counter() - self.origin, step, total))
+
+    def summary(self, wall: float) -> dict[str, float]:
+        """Seconds from the start: the first call's first step done, the last call's last step
+        done, the time after it (``wall`` is the run's), and the median time between two steps of
+        one call."""
+        firsts = [calls[0][0] for calls in self.reports if calls]
+        lasts = [calls[-1][0] for calls in self.reports if calls and calls[-1][1] == calls[-1][2]]
+        gaps = sorted(b[0] - a[0] for calls in self.reports for a, b in pairwise(calls))
+        if not firsts or not lasts or not gaps:
+            return {}
+        last = max(lasts)
+        return {"first_step_done_s": min(firsts), "last_step_done_s": last,
+                "after_last_step_s": wall - last, "median_step_interval_s": gaps[len(gaps) // 2]}
+
+
 class Throughput:
     """Runs the timed work against services already started; keeps the figures in ``report``."""
 
@@ -189,21 +220,22 @@ class Throughput:
         """Stage 1 of every sample at once, untimed and timed; its figures and the stage-2
         requests it makes."""
         self.stage1_outputs(client, embeds, negative)
-        start = time.perf_counter()
-        requests = self.stage1_outputs(client, embeds, negative)
-        wall = time.perf_counter() - start
+        clock = StepClock()
+        requests = self.stage1_outputs(client, embeds, negative, clock)
+        wall = time.perf_counter() - clock.origin
         tflops = len(requests) * self.flops[1] / wall / 1e12
         return {"wall_s": wall, "images_per_min": 60 * len(requests) / wall,
-                "unet_tflops": tflops, "fraction_of_peak": tflops / peak}, requests
+                "unet_tflops": tflops, "fraction_of_peak": tflops / peak,
+                "steps": clock.summary(wall)}, requests
 
-    def stage1_outputs(self, client: CascadeClient, embeds: pb.Tensor, negative: pb.Tensor
-                       ) -> list[pb.Stage2Request]:
+    def stage1_outputs(self, client: CascadeClient, embeds: pb.Tensor, negative: pb.Tensor,
+                       clock: StepClock | None = None) -> list[pb.Stage2Request]:
         """Stage-2 requests for every sample (stage 1 run once, all samples at once)."""
         def one(seed: int) -> pb.Stage2Request:
             params = self._params(seed)
             request = pb.Stage1Request(prompt_embeds=embeds, negative_prompt_embeds=negative,
                                        views=self._specs(), params=params)
-            image, state = client.stage1(request)
+            image, state = client.stage1(request, clock.progress() if clock else None)
             return pb.Stage2Request(image=codec.encode(image), prompt_embeds=embeds,
                                     negative_prompt_embeds=negative, views=self._specs(),
                                     params=params, rng_state=codec.encode(state))
@@ -215,12 +247,14 @@ class Throughput:
                     peak: float) -> dict[str, Any]:
         """All stage-2 requests at once to ``replicas`` replicas, once untimed and once timed."""
         images: list[torch.Tensor] = []
+        clocks: list[StepClock] = []  # the last run's
 
         def run() -> float:
-            start = time.perf_counter()
+            clocks[:] = [clock := StepClock()]
             with ThreadPoolExecutor(len(requests)) as pool:
-                images[:] = [image for image, _ in pool.map(client.stage2, requests)]
-            return time.perf_counter() - start
+                images[:] = [image for image, _ in pool.map(
+                    lambda request: client.stage2(request, clock.progress()), requests)]
+            return time.perf_counter() - clock.origin
 
         run()
         wall = run()
@@ -231,7 +265,8 @@ class Throughput:
                    for a, b in zip(images, self.stage2_images, strict=True))
         return {"replicas": replicas, "wall_s": wall,
                 "images_per_min": 60 * len(requests) / wall, "unet_tflops": tflops,
-                "fraction_of_peak": tflops / (replicas * peak), "max_abs_diff_vs_first": diff}
+                "fraction_of_peak": tflops / (replicas * peak), "max_abs_diff_vs_first": diff,
+                "steps": clocks[0].summary(wall)}
 
     def _params(self, seed: int) -> pb.SamplingParams:
         return pb.SamplingParams(num_inference_steps=self.params.num_inference_steps,

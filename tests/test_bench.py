@@ -83,3 +83,22 @@ def test_timeline_of_stage_calls():
         "stage2_first_start_s": 4.5, "stage2_last_end_s": 13.0, "stage2_in_flight_s": 7.5,
         "both_in_flight_s": 0.5})
     assert timeline([], origin=0.0) == {"both_in_flight_s": 0.0}
+
+
+def test_step_clock_tells_where_a_stage_run_spends_its_time():
+    """The stage-alone runs time each call's step reports: when the first step was done, when the
+    last call's last step was, what came after it, and the median time between two steps."""
+    from bench.throughput import StepClock
+
+    clock = StepClock()
+    one, two = clock.progress(), clock.progress()
+    clock.progress()  # a call that reported nothing (it failed) does not count
+    for step in (1, 2, 3):
+        clock.reports[0].append((0.5 + 0.1 * step, step, 3))  # done at 0.6, 0.7, 0.8
+        clock.reports[1].append((0.55 + 0.3 * step, step, 3))  # done at 0.85, 1.15, 1.45
+    assert clock.summary(wall=2.0) == pytest.approx({
+        "first_step_done_s": 0.6, "last_step_done_s": 1.45, "after_last_step_s": 0.55,
+        "median_step_interval_s": 0.3})  # intervals 0.1, 0.1, 0.3, 0.3
+    one(4, 5)  # a live callback records its call's steps, timed from the clock's start
+    assert clock.reports[0][-1][1:] == (4, 5) and 0 <= clock.reports[0][-1][0] < 60
+    assert two is not one and StepClock().summary(wall=1.0) == {}
