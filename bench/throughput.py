@@ -247,17 +247,16 @@ class Throughput:
                     peak: float) -> dict[str, Any]:
         """All stage-2 requests at once to ``replicas`` replicas, once untimed and once timed."""
         images: list[torch.Tensor] = []
-        clocks: list[StepClock] = []  # the last run's
 
-        def run() -> float:
-            clocks[:] = [clock := StepClock()]
+        def run() -> tuple[float, StepClock]:
+            clock = StepClock()
             with ThreadPoolExecutor(len(requests)) as pool:
                 images[:] = [image for image, _ in pool.map(
                     lambda request: client.stage2(request, clock.progress()), requests)]
-            return time.perf_counter() - clock.origin
+            return time.perf_counter() - clock.origin, clock
 
         run()
-        wall = run()
+        wall, clock = run()
         tflops = len(requests) * self.flops[2] / wall / 1e12
         # Every setup must make the same pictures: compared with the first one measured.
         self.stage2_images = self.stage2_images or list(images)
@@ -266,7 +265,7 @@ class Throughput:
         return {"replicas": replicas, "wall_s": wall,
                 "images_per_min": 60 * len(requests) / wall, "unet_tflops": tflops,
                 "fraction_of_peak": tflops / (replicas * peak), "max_abs_diff_vs_first": diff,
-                "steps": clocks[0].summary(wall)}
+                "steps": clock.summary(wall)}
 
     def _params(self, seed: int) -> pb.SamplingParams:
         return pb.SamplingParams(num_inference_steps=self.params.num_inference_steps,

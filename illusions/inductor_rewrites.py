@@ -69,7 +69,6 @@ def channel_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Ten
     n, c = x.shape[:2]
     if c % num_groups:
         raise ValueError(f"group norm: {c} channels do not split into {num_groups} groups")
-    pixels = tuple(range(2, x.ndim))
     xf = x.float()
     var_c, mean_c = channel_var_mean(xf)  # (n, c)
     var_c = var_c.view(n, num_groups, -1)
@@ -82,7 +81,7 @@ def channel_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Ten
     shift = -mean_g * scale
     if bias is not None:
         shift = shift + bias.float().view(1, num_groups, -1)
-    shape = (n, c) + (1,) * len(pixels)
+    shape = (n, c) + (1,) * (x.ndim - 2)
     scale, shift = scale.reshape(shape), shift.reshape(shape)
     scale, shift = _pinned(scale, scale.stride()), _pinned(shift, shift.stride())
     return (xf * scale + shift).to(x.dtype)
