@@ -183,9 +183,12 @@ def _check_values(name: str, t: torch.Tensor, dtype: torch.dtype, fix: str) -> f
     magnitude."""
     if t.numel() == 0:
         raise InvalidInputError(f"{name} is empty (shape {tuple(t.shape)}): {fix}")
-    if not torch.isfinite(t).all():
+    # One pass (a request's embeddings are checked on the CPU before its job joins the others):
+    # NaN carries through both extremes, and an infinity is one of them.
+    low, high = (float(v) for v in torch.aminmax(t))
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise InvalidInputError(f"{name} contains NaN or infinite values: {fix}")
-    largest = t.abs().max().item()
+    largest = max(-low, high)
     if dtype.is_floating_point and largest > torch.finfo(dtype).max:
         raise InvalidInputError(
             f"{name} holds {largest:.3g}, beyond what the UNet's {str(dtype).removeprefix('torch.')} "
@@ -429,9 +432,13 @@ def _denoise(
     callback: ProgressCallback | None,
     should_stop: StopCheck | None,
 ) -> DenoiseJob:
-    # A private scheduler (set_timesteps mutates it; a service may run calls concurrently), with
-    # its timesteps on the CPU so that its scalar bookkeeping never waits for the GPU.
-    scheduler = copy.deepcopy(stage.scheduler)
+    # A private scheduler (set_timesteps sets its timesteps; a service runs many jobs at once),
+    # with its timesteps on the CPU so that its scalar bookkeeping never waits for the GPU. Our
+    # DDPM step only reads the scheduler, and set_timesteps only rebinds attributes, so a shallow
+    # copy will do (a deep copy took a millisecond a job, in the runner's thread); diffusers' own
+    # steps for other configurations may keep state, so they get a deep copy.
+    ours = scheduling.supports(stage.scheduler)
+    scheduler = (copy.copy if ours else copy.deepcopy)(stage.scheduler)
     scheduler.set_timesteps(params.num_inference_steps, device="cpu")
     timesteps = scheduler.timesteps
     unet_timesteps = timesteps.to(stage.device)  # one copy; the UNet reads them on its device
@@ -441,8 +448,7 @@ def _denoise(
     # Our DDPM step takes its noise as an argument: the loop draws it in diffusers' order, after
     # queueing the UNet call, and sends it to the device without blocking. Configurations our step
     # does not cover fall back to diffusers' step, which draws (and blocks) inside.
-    noise = scheduling.NoiseStream(generator, stage.device) if scheduling.supports(
-        scheduler) else None
+    noise = scheduling.NoiseStream(generator, stage.device) if ours else None
     pending: deque[tuple[int, torch.cuda.Event]] = deque()
 
     def report(done: int) -> None:

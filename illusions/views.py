@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import difflib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -641,6 +642,16 @@ def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
     return pdf / pdf.sum()
 
 
+@functools.lru_cache(maxsize=256)
+def _device_kernel1d(kernel_size: int, sigma: float, device: torch.device,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """:func:`gaussian_kernel1d` rounded to ``dtype`` as a ``(1, 1, k)`` conv1d weight in the
+    accumulation dtype, on ``device``: made once, since a copy to a GPU waits for the work queued
+    there, and a blur view runs every step of every job."""
+    k1 = gaussian_kernel1d(kernel_size, sigma).to(dtype)
+    return k1.to(device=device, dtype=torch.promote_types(dtype, torch.float32)).view(1, 1, -1)
+
+
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
     """Gaussian blur with torchvision ``gaussian_blur`` semantics, in plain torch.
 
@@ -672,8 +683,7 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tens
     # did).  Half-precision inputs are summed in float32 and rounded once at the end, like a
     # single 2-D convolution on a GPU, rather than rounded again between the two passes.
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    k1 = gaussian_kernel1d(kernel_size, sigma).to(device=x.device, dtype=x.dtype)
-    k1 = k1.to(acc_dtype).view(1, 1, -1)
+    k1 = _device_kernel1d(kernel_size, float(sigma), x.device, x.dtype)
     y = F.pad(x.reshape(-1, c, h, w).to(acc_dtype), (pad, pad, pad, pad), mode="reflect")
     padded_h, padded_w = y.shape[-2:]
     # Every row (then every column) is an independent 1-D signal: a single-channel conv1d over

@@ -124,3 +124,53 @@ def test_compiled_stage_compiles_once_for_every_call_size(fixed):
                       if graph is not None) == [2, 4, 6, 8]
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("names", "reduction", "with_ref"), [
+    (["identity", "jigsaw"], "mean", False),
+    (["low_pass", "high_pass"], "sum", True),
+    (["motion", "motion_res"], "sum", False),
+], ids=["jigsaw", "hybrid-with-reference", "motion"])
+@pytest.mark.parametrize("number", [1, 2], ids=["stage1", "stage2"])
+def test_a_jobs_steps_queue_their_work_without_waiting_for_the_gpu(number, names, reduction,
+                                                                  with_ref, text_encoder):
+    """A job's steps (views, guidance, the DDPM step, its noise, the next step's inputs) queue
+    work on the GPU and never wait for it: a blocking copy to the GPU, or a read of a GPU value,
+    would wait for the UNet call running there, and the runner's thread could not queue the next
+    one ahead (CUDA's sync debug mode makes any such wait an error). The second job on the same
+    views is the one checked, as a service's later requests are: the views' device tables (a
+    permutation, a blur kernel) are made once."""
+    from illusions.models import load_unet_stage
+    from illusions.sampling import SamplingParams, stage_1_job, stage_2_job
+    from illusions.views import build_views
+
+    directory = STAGE1_DIR if number == 1 else STAGE2_DIR
+    stage = load_unet_stage(str(directory), number, device="cuda", dtype="float16")
+    views = build_views(names)
+    embeds, negative = text_encoder.encode(["a", "b"])
+    params = SamplingParams(num_inference_steps=4, guidance_scale=7.0, reduction=reduction)
+    ref = torch.rand(3, 40, 40) * 2 - 1 if with_ref else None
+    size, channels = stage.sample_size, stage.unet.config.out_channels
+    gpu_generator = torch.Generator("cuda").manual_seed(0)
+
+    def steps(seed: int, checked: bool) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        if number == 1:
+            job = stage_1_job(stage, embeds, negative, views, generator, params, ref_image=ref)
+        else:
+            job = stage_2_job(stage, torch.rand(1, 3, 16, 16) * 2 - 1, embeds, negative, views,
+                              generator, params, ref_image=ref)
+        call = next(job)  # its inputs and timesteps copied to the GPU when it starts
+        out = [torch.randn(call.rows, channels, size, size, device="cuda", dtype=torch.float16,
+                           generator=gpu_generator) for _ in range(2)]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if checked else "default")
+        try:
+            for unet_out in out:  # two steps: the second reports the first done
+                call = job.send(unet_out)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert call.sample.device.type == "cuda"
+
+    steps(0, checked=False)
+    steps(1, checked=True)

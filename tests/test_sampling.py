@@ -3,6 +3,8 @@ reductions, inverse-problem mode and input checks."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from illusions.sampling import (
     reduce_views,
     sample_stage_1,
     sample_stage_2,
+    stage_1_job,
 )
 from illusions.views import build_views
 
@@ -142,8 +145,14 @@ def test_bad_embeddings_are_named(stage1, embeds):
                        FAST)
     bad = prompt.clone()
     bad[0, 0, 0] = float("nan")
-    with pytest.raises(InvalidInputError, match="NaN"):
+    with pytest.raises(InvalidInputError, match="prompt_embeds contains NaN"):
         sample_stage_1(stage1, bad, negative, views, new_generator(0), FAST)
+    for value in (float("inf"), float("-inf")):
+        bad = negative.clone()
+        bad[0, 3, 1] = value
+        with pytest.raises(InvalidInputError,
+                           match="negative_prompt_embeds contains NaN or infinite values"):
+            sample_stage_1(stage1, prompt, bad, views, new_generator(0), FAST)
     # Other token counts than T5's 77 would not stack with other requests' rows in a shared call.
     for tokens in (0, 10, 78):
         with pytest.raises(InvalidInputError, match=f"{tokens} tokens a prompt but IF's UNets take 77"):
@@ -159,12 +168,13 @@ def test_values_beyond_the_unets_dtype_are_named(embeds):
 
     half = load_unet_stage(str(STAGE1_DIR), 1, dtype=torch.float16)
     prompt, negative = embeds
-    big = prompt.clone()
-    big[0, 5, 3] = 1e6
-    with pytest.raises(InvalidInputError, match="prompt_embeds holds 1e\\+06, beyond what the "
-                                                "UNet's float16 can hold"):
-        sample_stage_1(half, big, negative, build_views(["identity", "flip"]), new_generator(0),
-                       FAST)
+    for value in (1e6, -2e6):  # the largest magnitude, whichever its sign
+        big = prompt.clone()
+        big[0, 5, 3] = value
+        message = f"prompt_embeds holds {abs(value):.3g}, beyond what the UNet's float16 can hold"
+        with pytest.raises(InvalidInputError, match=re.escape(message)):
+            sample_stage_1(half, big, negative, build_views(["identity", "flip"]),
+                           new_generator(0), FAST)
 
 
 def test_stage2_rejects_bad_image(stage2, embeds):
@@ -204,3 +214,31 @@ def test_views_in_chunks_agree_with_one_batch(stage1, text_encoder):
         del stage1.unet.forward
     assert calls == [4, 2] * FAST.num_inference_steps  # 6 rows: chunks of 4 and 2
     assert (whole - chunked).abs().max() <= 1e-4
+
+
+def test_a_job_leaves_the_stages_scheduler_as_it_was(stage1, embeds):
+    """Each job sets its step count on its own copy of the stage's scheduler (one scheduler serves
+    every job of a service): the stage's keeps its timesteps, and jobs of 3 and 5 steps made one
+    after the other each take their own schedule, interleaved."""
+    import copy
+
+    scheduler = stage1.scheduler
+    timesteps, steps = scheduler.timesteps.clone(), scheduler.num_inference_steps
+    views = build_views(["identity", "flip"])
+    jobs = {n: stage_1_job(stage1, *embeds, views, new_generator(n), SamplingParams(n, 3.0))
+            for n in (3, 5)}
+    calls = {n: next(job) for n, job in jobs.items()}
+    taken: dict[int, list[int]] = {n: [] for n in jobs}
+    while calls:
+        for n in list(calls):
+            taken[n].append(int(calls[n].timestep))
+            try:
+                calls[n] = jobs[n].send(torch.zeros(calls[n].rows, 6, 64, 64))
+            except StopIteration:
+                del calls[n]
+    for n in jobs:
+        fresh = copy.deepcopy(scheduler)
+        fresh.set_timesteps(n)
+        assert taken[n] == fresh.timesteps.tolist()
+    assert torch.equal(scheduler.timesteps, timesteps)
+    assert scheduler.num_inference_steps == steps
