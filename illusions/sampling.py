@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.utils.torch_utils import randn_tensor
 
 from illusions import scheduling
 from illusions.models import UNetStage
@@ -435,8 +434,8 @@ def _denoise(
     # A private scheduler (set_timesteps sets its timesteps; a service runs many jobs at once),
     # with its timesteps on the CPU so that its scalar bookkeeping never waits for the GPU. Our
     # DDPM step only reads the scheduler, and set_timesteps only rebinds attributes, so a shallow
-    # copy will do (a deep copy took a millisecond a job, in the runner's thread); diffusers' own
-    # steps for other configurations may keep state, so they get a deep copy.
+    # copy will do (a deep copy took a millisecond a job); diffusers' own steps for other
+    # configurations may keep state, so they get a deep copy.
     ours = scheduling.supports(stage.scheduler)
     scheduler = (copy.copy if ours else copy.deepcopy)(stage.scheduler)
     scheduler.set_timesteps(params.num_inference_steps, device="cpu")
@@ -449,73 +448,82 @@ def _denoise(
     # queueing the UNet call, and sends it to the device without blocking. Configurations our step
     # does not cover fall back to diffusers' step, which draws (and blocks) inside.
     noise = scheduling.NoiseStream(generator, stage.device) if ours else None
-    pending: deque[tuple[int, torch.cuda.Event]] = deque()
 
-    def report(done: int) -> None:
-        if callback is not None:
-            callback(done, len(timesteps))
+    # All of the above runs when the job is made, in the caller's thread (a service's request
+    # thread), and the steps below in the thread that runs the UNet: the blocking copy of the
+    # timesteps would have that thread wait for the running UNet call whenever a job joins.
 
-    for i, t in enumerate(timesteps):
-        if should_stop is not None and should_stop():
-            raise SamplingCancelled(f"stopped before step {i + 1} of {len(timesteps)}")
+    def steps(noisy: torch.Tensor) -> DenoiseJob:
+        pending: deque[tuple[int, torch.cuda.Event]] = deque()
 
-        # 1. Inverse problems: the first component comes from the noised reference image.
-        if ref is not None:
-            alpha = scheduler.alphas_cumprod[t]  # CPU scalar
+        def report(done: int) -> None:
+            if callback is not None:
+                callback(done, len(timesteps))
+
+        for i, t in enumerate(timesteps):
+            if should_stop is not None and should_stop():
+                raise SamplingCancelled(f"stopped before step {i + 1} of {len(timesteps)}")
+
+            # 1. Inverse problems: the first component comes from the noised reference image.
+            if ref is not None:
+                alpha = scheduler.alphas_cumprod[t]  # CPU scalar
+                if noise is not None:
+                    ref_noise = noise.draw(tuple(ref.shape), ref.dtype)
+                else:
+                    ref_noise = scheduling.randn_tensor(ref.shape, generator=generator,
+                                                        device=ref.device, dtype=ref.dtype)
+                ref_noisy = alpha.sqrt() * ref + (1 - alpha).sqrt() * ref_noise
+                noisy = (views[0].inverse_view(ref_noisy) + views[1].inverse_view(noisy[0]))[None]
+
+            # 2. Show the image through every view; duplicate for classifier-free guidance.
+            model_input = noisy if condition is None else torch.cat([noisy, condition], dim=1)
+            viewed = apply_views(views, model_input[0])  # (V, C, H, W)
+            model_input = scheduler.scale_model_input(torch.cat([viewed, viewed]), t)
+
+            # 3. One UNet call for all views, negative and positive prompts.
+            out = yield UNetCall(model_input, unet_timesteps[i], embeds, class_labels)  # (2V, 6, H, W)
+
+            # 4. Map each estimate back through its view's inverse, then guide.
+            out = invert_views(views, out.unflatten(0, (2, len(views))))  # (2, V, 6, H, W)
+            eps_uncond = out[0, :, :channels]
+            eps_text, variance = out[1, :, :channels], out[1, :, channels:]
+            eps = eps_uncond + params.guidance_scale * (eps_text - eps_uncond)  # (V, 3, H, W)
+
+            # 5. Combine the views and take one DDPM step (learned-range variance).
+            model_output = reduce_views(eps[None], variance[None], params.reduction, i)
             if noise is not None:
-                ref_noise = noise.draw(tuple(ref.shape), ref.dtype)
+                variance_noise = noise.draw(tuple(noisy.shape), noisy.dtype) if t > 0 else None
+                noisy = scheduling.ddpm_step(scheduler, model_output, t, noisy, variance_noise)
             else:
-                ref_noise = randn_tensor(ref.shape, generator=generator, device=ref.device,
-                                         dtype=ref.dtype)
-            ref_noisy = alpha.sqrt() * ref + (1 - alpha).sqrt() * ref_noise
-            noisy = (views[0].inverse_view(ref_noisy) + views[1].inverse_view(noisy[0]))[None]
+                noisy = scheduler.step(model_output, t, noisy, generator=generator,
+                                       return_dict=False)[0]
 
-        # 2. Show the image through every view; duplicate for classifier-free guidance.
-        model_input = noisy if condition is None else torch.cat([noisy, condition], dim=1)
-        viewed = apply_views(views, model_input[0])  # (V, C, H, W)
-        model_input = scheduler.scale_model_input(torch.cat([viewed, viewed]), t)
+            # 6. Progress. On a GPU the host runs at most one step ahead of the device: a step is
+            # reported when it has finished, and a stop request takes effect within one step.
+            if on_gpu:
+                event = torch.cuda.Event()
+                event.record()
+                pending.append((i + 1, event))
+                while len(pending) > 1:
+                    done, finished = pending.popleft()
+                    finished.synchronize()
+                    report(done)
+            else:
+                report(i + 1)
+        for done, finished in pending:
+            finished.synchronize()
+            report(done)
+        return noisy
 
-        # 3. One UNet call for all views, negative and positive prompts.
-        out = yield UNetCall(model_input, unet_timesteps[i], embeds, class_labels)  # (2V, 6, H, W)
-
-        # 4. Map each estimate back through its view's inverse, then guide.
-        out = invert_views(views, out.unflatten(0, (2, len(views))))  # (2, V, 6, H, W)
-        eps_uncond = out[0, :, :channels]
-        eps_text, variance = out[1, :, :channels], out[1, :, channels:]
-        eps = eps_uncond + params.guidance_scale * (eps_text - eps_uncond)  # (V, 3, H, W)
-
-        # 5. Combine the views and take one DDPM step (learned-range variance).
-        model_output = reduce_views(eps[None], variance[None], params.reduction, i)
-        if noise is not None:
-            variance_noise = noise.draw(tuple(noisy.shape), noisy.dtype) if t > 0 else None
-            noisy = scheduling.ddpm_step(scheduler, model_output, t, noisy, variance_noise)
-        else:
-            noisy = scheduler.step(model_output, t, noisy, generator=generator,
-                                   return_dict=False)[0]
-
-        # 6. Progress. On a GPU the host runs at most one step ahead of the device: a step is
-        # reported when it has finished, and a stop request takes effect within one step.
-        if on_gpu:
-            event = torch.cuda.Event()
-            event.record()
-            pending.append((i + 1, event))
-            while len(pending) > 1:
-                done, finished = pending.popleft()
-                finished.synchronize()
-                report(done)
-        else:
-            report(i + 1)
-    for done, finished in pending:
-        finished.synchronize()
-        report(done)
-    return noisy
+    return steps(noisy)
 
 
 def _initial_noise(stage: UNetStage, channels: int, generator: torch.Generator) -> torch.Tensor:
     """x_T: (1, channels, S, S) drawn on the CPU generator, scaled for the scheduler."""
     size = stage.sample_size
-    return randn_tensor((1, channels, size, size), generator=generator, device=stage.device,
-                        dtype=stage.dtype) * stage.scheduler.init_noise_sigma
+    noise = scheduling.randn_tensor((1, channels, size, size), generator=generator,
+                                    device=stage.device, dtype=stage.dtype)
+    return noise * stage.scheduler.init_noise_sigma
 
 
 @torch.no_grad()
@@ -603,8 +611,8 @@ def stage_2_job(
     image = image.to(device=stage.device, dtype=stage.dtype)
     upscaled = F.interpolate(image, (size, size), mode="bilinear", align_corners=True)
     noise_level = torch.tensor([params.noise_level], device=stage.device)
-    noise = randn_tensor(upscaled.shape, generator=generator, device=stage.device,
-                         dtype=upscaled.dtype)
+    noise = scheduling.randn_tensor(upscaled.shape, generator=generator, device=stage.device,
+                                    dtype=upscaled.dtype)
     upscaled = stage.image_noising_scheduler.add_noise(upscaled, noise, timesteps=noise_level)
     class_labels = noise_level.expand(embeds.shape[0])  # one label per UNet row
 

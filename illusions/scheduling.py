@@ -17,10 +17,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 # Configurations this step reproduces exactly; anything else uses diffusers' own step.
 SUPPORTED_VARIANCE = ("learned_range", "fixed_small")
+
+
+def randn_tensor(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """diffusers' ``randn_tensor`` (the reference draws its noise with it), imported at the first
+    draw: importing diffusers takes about two seconds (it loads ``torch._dynamo``), which the
+    ``illusion`` client and the encoder service, which draw no noise, need not wait for."""
+    from diffusers.utils.torch_utils import randn_tensor as draw
+
+    return draw(*args, **kwargs)
 
 
 def supports(scheduler: Any) -> bool:

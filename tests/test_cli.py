@@ -213,6 +213,20 @@ class _GatedHub(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def test_client_and_encoder_start_without_diffusers():
+    """The ``illusion`` client (``views``, ``--help``, remote ``generate``) and the encoder
+    service draw no noise and load no UNet, so they do not import diffusers, which takes about
+    two seconds (it loads ``torch._dynamo``); the stage services import it when they need it."""
+    code = ("import sys, orchestrator.cli, orchestrator.pipeline, services.encoder.server; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    listing = illusion("views")
+    assert listing.returncode == 0 and "jigsaw" in listing.stdout
+
+
 def test_gated_model_without_login_is_one_sentence(tmp_path):
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
     threading.Thread(target=hub.serve_forever, daemon=True).start()

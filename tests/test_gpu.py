@@ -134,12 +134,14 @@ def test_compiled_stage_compiles_once_for_every_call_size(fixed):
 @pytest.mark.parametrize("number", [1, 2], ids=["stage1", "stage2"])
 def test_a_jobs_steps_queue_their_work_without_waiting_for_the_gpu(number, names, reduction,
                                                                   with_ref, text_encoder):
-    """A job's steps (views, guidance, the DDPM step, its noise, the next step's inputs) queue
-    work on the GPU and never wait for it: a blocking copy to the GPU, or a read of a GPU value,
-    would wait for the UNet call running there, and the runner's thread could not queue the next
-    one ahead (CUDA's sync debug mode makes any such wait an error). The second job on the same
-    views is the one checked, as a service's later requests are: the views' device tables (a
-    permutation, a blur kernel) are made once."""
+    """A job's start and steps (views, guidance, the DDPM step, its noise, the next step's
+    inputs), which a service runs in the thread that runs the UNet, queue work on the GPU and
+    never wait for it: a blocking copy to the GPU, or a read of a GPU value, would wait for the
+    UNet call running there, and that thread could not queue the next one ahead (CUDA's sync
+    debug mode makes any such wait an error; copies made when the job is made, in a request's
+    thread, are not checked). The second job on the same views is the one checked, as a
+    service's later requests are: the views' device tables (a permutation, a blur kernel) are
+    made once."""
     from illusions.models import load_unet_stage
     from illusions.sampling import SamplingParams, stage_1_job, stage_2_job
     from illusions.views import build_views
@@ -160,17 +162,18 @@ def test_a_jobs_steps_queue_their_work_without_waiting_for_the_gpu(number, names
         else:
             job = stage_2_job(stage, torch.rand(1, 3, 16, 16) * 2 - 1, embeds, negative, views,
                               generator, params, ref_image=ref)
-        call = next(job)  # its inputs and timesteps copied to the GPU when it starts
-        out = [torch.randn(call.rows, channels, size, size, device="cuda", dtype=torch.float16,
+        rows = 2 * len(views)  # its inputs and timesteps were copied to the GPU when it was made
+        out = [torch.randn(rows, channels, size, size, device="cuda", dtype=torch.float16,
                            generator=gpu_generator) for _ in range(2)]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error" if checked else "default")
         try:
+            call = next(job)  # where a service's runner starts a job that joins the others
             for unet_out in out:  # two steps: the second reports the first done
                 call = job.send(unet_out)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        assert call.sample.device.type == "cuda"
+        assert call.rows == rows and call.sample.device.type == "cuda"
 
     steps(0, checked=False)
     steps(1, checked=True)
