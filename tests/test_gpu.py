@@ -1,6 +1,7 @@
 """GPU-only checks (skipped on machines without CUDA, such as CI; run them on a GPU machine with
 ``python -m pytest tests/test_gpu.py``): CUDA-graph replay and the batched runner on a GPU that is
-not the calling thread's current device, as a stage service on ``cuda:1`` runs them."""
+not the calling thread's current device, as a stage service on ``cuda:1`` runs them; one compile
+for every call size; and a job's start and steps never waiting for the GPU."""
 
 from __future__ import annotations
 
