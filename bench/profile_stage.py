@@ -99,9 +99,10 @@ def main() -> None:
     end = time.perf_counter()
     stage.predict = predict  # type: ignore[method-assign]
     gaps = sorted(b - a for a, b in pairwise(queued))
+    median = gaps[len(gaps) // 2] if gaps else float("nan")  # one call: no interval
     print(f"one loop ({args.samples} sample(s)): {(end - t0) * 1000:.1f} ms, {len(queued)} "
           f"UNet calls queued: the first at {(queued[0] - t0) * 1000:.1f} ms, then every "
-          f"{gaps[len(gaps) // 2] * 1000:.2f} ms (median), the loop done "
+          f"{median * 1000:.2f} ms (median), the loop done "
           f"{(end - queued[-1]) * 1000:.1f} ms after the last")
 
     size = stage.sample_size

@@ -187,7 +187,7 @@ def _check_values(name: str, t: torch.Tensor, dtype: torch.dtype, fix: str) -> f
     low, high = (float(v) for v in torch.aminmax(t))
     if not (math.isfinite(low) and math.isfinite(high)):
         raise InvalidInputError(f"{name} contains NaN or infinite values: {fix}")
-    largest = max(-low, high)
+    largest = max(high, -low)  # 0.0, not -0.0, for zeros
     if dtype.is_floating_point and largest > torch.finfo(dtype).max:
         raise InvalidInputError(
             f"{name} holds {largest:.3g}, beyond what the UNet's {str(dtype).removeprefix('torch.')} "
