@@ -90,6 +90,10 @@ class BatchRunner:
                 or (cap > 0 and shared.pending_rows() >= cap))
 
     def _loop(self) -> None:
+        if self.stage.device.type == "cuda":
+            # Threads start on cuda:0: without this, a stage on another GPU would create a CUDA
+            # context on GPU 0 and queue any work that names no device there.
+            torch.cuda.set_device(self.stage.device)
         shared = self.shared
         while not (self._closing and not len(shared)):
             # New jobs join between two steps; with nothing to do, wait for one.

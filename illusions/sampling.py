@@ -94,9 +94,13 @@ def new_generator(seed: int) -> torch.Generator:
 
 def generator_from_state(state: torch.Tensor) -> torch.Generator:
     """Rebuild the CPU generator that stage 1 handed over (``generator.get_state()``)."""
+    if state.dtype != torch.uint8:
+        # A cast would truncate or wrap the values into some other generator's state.
+        raise InvalidInputError(f"rng_state has dtype {state.dtype}: pass the uint8 state stage 1 "
+                                "returned, unchanged")
     generator = torch.Generator(device="cpu")
     try:
-        generator.set_state(state.to(torch.uint8).cpu())
+        generator.set_state(state.cpu())
     except (RuntimeError, TypeError) as exc:
         raise InvalidInputError(
             f"rng_state is not a CPU generator state ({exc}): pass the state stage 1 returned"
@@ -207,28 +211,39 @@ def _cfg_embeds(stage: UNetStage, prompt_embeds: torch.Tensor,
 REF_IMAGE_SLACK = 1e-3  # rounding beyond [-1, 1] that a reference image may carry
 
 
-def _prepare_reference(ref_image: torch.Tensor | None, views: Sequence[View], size: int,
-                       like: torch.Tensor) -> torch.Tensor | None:
-    """Reference image (3, H, W) in [-1, 1] -> (3, size, size) for the inverse-problem mode."""
+def _rgb(ref_image: torch.Tensor) -> torch.Tensor:
+    return ref_image[0] if ref_image.ndim == 4 and ref_image.shape[0] == 1 else ref_image
+
+
+def _check_reference(ref_image: torch.Tensor | None, views: Sequence[View],
+                     dtype: torch.dtype) -> None:
+    """A reference image is (3, H, W) or (1, 3, H, W) in [-1, 1], for two views."""
     if ref_image is None:
-        return None
+        return
     if len(views) != 2:
         raise InvalidInputError(
             f"ref_image needs exactly 2 views (the reference supplies the first component, the "
             f"prompt the second), got {len(views)}"
         )
-    if ref_image.ndim == 4 and ref_image.shape[0] == 1:
-        ref_image = ref_image[0]
+    ref_image = _rgb(ref_image)
     if ref_image.ndim != 3 or ref_image.shape[0] != 3:
         raise InvalidInputError(
             f"ref_image has shape {tuple(ref_image.shape)}: expected an RGB image (3, H, W)"
         )
-    largest = _check_values("ref_image", ref_image, like.dtype,
+    largest = _check_values("ref_image", ref_image, dtype,
                             "pass an RGB image with values in [-1, 1]")
     if largest > 1 + REF_IMAGE_SLACK:
         raise InvalidInputError(f"ref_image holds values up to {largest:.3g} in magnitude: pass "
                                 "an RGB image with values in [-1, 1]")
-    return resize_reference(ref_image, size).to(device=like.device, dtype=like.dtype)
+
+
+def _prepare_reference(ref_image: torch.Tensor | None, size: int,
+                       like: torch.Tensor) -> torch.Tensor | None:
+    """A checked reference image (:func:`_check_reference`) -> (3, size, size) for the
+    inverse-problem mode."""
+    if ref_image is None:
+        return None
+    return resize_reference(_rgb(ref_image), size).to(device=like.device, dtype=like.dtype)
 
 
 def resize_reference(ref_image: torch.Tensor, size: int) -> torch.Tensor:
@@ -502,7 +517,8 @@ def _denoise(
             # reported when it has finished, and a stop request takes effect within one step.
             if on_gpu:
                 event = torch.cuda.Event()
-                event.record()
+                # On the stage's device: the thread's current device may be another GPU.
+                event.record(torch.cuda.current_stream(stage.device))
                 pending.append((i + 1, event))
                 while len(pending) > 1:
                     done, finished = pending.popleft()
@@ -553,14 +569,23 @@ def stage_1_job(
     Returns:
         (1, 3, S, S) image in the UNet's dtype, S = ``unet.config.sample_size``, roughly in [-1, 1].
     """
-    params.validate(stage.scheduler.config.num_train_timesteps)
-    _check_embeds(stage, prompt_embeds, negative_prompt_embeds, views)
+    check_stage_1_inputs(stage, prompt_embeds, negative_prompt_embeds, views, params, ref_image)
     embeds = _cfg_embeds(stage, prompt_embeds, negative_prompt_embeds)
     size = stage.sample_size
     noisy = _initial_noise(stage, stage.unet.config.in_channels, generator)
-    ref = _prepare_reference(ref_image, views, size, noisy)
+    ref = _prepare_reference(ref_image, size, noisy)
     return _denoise(stage, noisy, embeds, views, params, generator, None, None, ref, callback,
                     should_stop)
+
+
+def check_stage_1_inputs(stage: UNetStage, prompt_embeds: torch.Tensor,
+                         negative_prompt_embeds: torch.Tensor, views: Sequence[View],
+                         params: SamplingParams, ref_image: torch.Tensor | None = None) -> None:
+    """Raise InvalidInputError for inputs :func:`stage_1_job` would refuse, without making the
+    job: a service checks a request before it waits for its turn."""
+    params.validate(stage.scheduler.config.num_train_timesteps)
+    _check_embeds(stage, prompt_embeds, negative_prompt_embeds, views)
+    _check_reference(ref_image, views, stage.dtype)
 
 
 def sample_stage_1(stage: UNetStage, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -594,15 +619,8 @@ def stage_2_job(
     Returns:
         (1, 3, S, S) image in the UNet's dtype, S = ``unet.config.sample_size``.
     """
-    if stage.image_noising_scheduler is None:
-        raise InvalidInputError(f"{stage.source} has no image_noising_scheduler: not an IF-II model")
-    params.validate(stage.scheduler.config.num_train_timesteps)
-    _check_embeds(stage, prompt_embeds, negative_prompt_embeds, views)
-    if image.ndim != 4 or image.shape[:2] != (1, 3) or image.shape[2] != image.shape[3]:
-        raise InvalidInputError(
-            f"image has shape {tuple(image.shape)}: expected the stage-1 output (1, 3, H, H)"
-        )
-    _check_values("image", image, stage.dtype, "pass the stage-1 output")
+    check_stage_2_inputs(stage, image, prompt_embeds, negative_prompt_embeds, views, params,
+                         ref_image)
     embeds = _cfg_embeds(stage, prompt_embeds, negative_prompt_embeds)
     size = stage.sample_size
 
@@ -616,9 +634,26 @@ def stage_2_job(
     upscaled = stage.image_noising_scheduler.add_noise(upscaled, noise, timesteps=noise_level)
     class_labels = noise_level.expand(embeds.shape[0])  # one label per UNet row
 
-    ref = _prepare_reference(ref_image, views, size, noisy)
+    ref = _prepare_reference(ref_image, size, noisy)
     return _denoise(stage, noisy, embeds, views, params, generator, upscaled, class_labels, ref,
                     callback, should_stop)
+
+
+def check_stage_2_inputs(stage: UNetStage, image: torch.Tensor, prompt_embeds: torch.Tensor,
+                         negative_prompt_embeds: torch.Tensor, views: Sequence[View],
+                         params: SamplingParams, ref_image: torch.Tensor | None = None) -> None:
+    """Raise InvalidInputError for inputs :func:`stage_2_job` would refuse, without making the
+    job (see :func:`check_stage_1_inputs`)."""
+    if stage.image_noising_scheduler is None:
+        raise InvalidInputError(f"{stage.source} has no image_noising_scheduler: not an IF-II model")
+    params.validate(stage.scheduler.config.num_train_timesteps)
+    _check_embeds(stage, prompt_embeds, negative_prompt_embeds, views)
+    if image.ndim != 4 or image.shape[:2] != (1, 3) or image.shape[2] != image.shape[3]:
+        raise InvalidInputError(
+            f"image has shape {tuple(image.shape)}: expected the stage-1 output (1, 3, H, H)"
+        )
+    _check_values("image", image, stage.dtype, "pass the stage-1 output")
+    _check_reference(ref_image, views, stage.dtype)
 
 
 def sample_stage_2(stage: UNetStage, *args: Any, **kwargs: Any) -> torch.Tensor:

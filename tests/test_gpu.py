@@ -1,7 +1,8 @@
 """GPU-only checks (skipped on machines without CUDA, such as CI; run them on a GPU machine with
 ``python -m pytest tests/test_gpu.py``): CUDA-graph replay and the batched runner on a GPU that is
 not the calling thread's current device, as a stage service on ``cuda:1`` runs them; one compile
-for every call size; and a job's start and steps never waiting for the GPU."""
+for every call size; a job's start and steps never waiting for the GPU; and a job on another GPU
+than the thread's running at most a step ahead of its device."""
 
 from __future__ import annotations
 
@@ -178,3 +179,46 @@ def test_a_jobs_steps_queue_their_work_without_waiting_for_the_gpu(number, names
 
     steps(0, checked=False)
     steps(1, checked=True)
+
+
+def test_a_job_on_another_gpu_runs_at_most_one_step_ahead_of_it(text_encoder):
+    """A stage-2 job on the last GPU, run by a BatchRunner (whose thread starts on cuda:0), with
+    every UNet call made slow on the device (a sleep kernel queued after it): the host waits for
+    the device's steps, not for another GPU's, so the pinned noise buffers it refills are sent
+    before they come round again, and the picture equals the same job with every call waited
+    for. (Before, the step events were recorded on the thread's current GPU: on a stage on
+    ``cuda:1`` the host ran ahead without bound.)"""
+    from illusions.batching import BatchRunner
+    from illusions.models import load_unet_stage
+    from illusions.sampling import SamplingParams, stage_2_job
+    from illusions.views import build_views
+
+    device = _last_gpu()
+    stage = load_unet_stage(str(STAGE2_DIR), 2, device=device, dtype="float16")
+    views = build_views(["identity", "flip"])
+    embeds, negative = text_encoder.encode(["a", "b"])
+    params = SamplingParams(num_inference_steps=8, guidance_scale=7.0)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    predict = stage.predict
+
+    def run(slow_device: bool) -> torch.Tensor:
+        def slow_predict(*args, **kwargs):
+            out = predict(*args, **kwargs)
+            if slow_device:
+                with torch.cuda.device(device):
+                    torch.cuda._sleep(100_000_000)  # tens of ms of the device's time
+            else:
+                torch.cuda.synchronize(device)
+            return out
+
+        stage.predict = slow_predict
+        runner = BatchRunner(stage)
+        try:
+            job = stage_2_job(stage, image, embeds, negative, views,
+                              torch.Generator().manual_seed(5), params)
+            return runner.run(job).float().cpu()
+        finally:
+            runner.close()
+            stage.predict = predict
+
+    torch.testing.assert_close(run(slow_device=True), run(slow_device=False), atol=1e-3, rtol=0)

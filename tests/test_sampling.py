@@ -191,6 +191,13 @@ def test_stage2_rejects_bad_image(stage2, embeds):
 def test_bad_rng_state():
     with pytest.raises(InvalidInputError, match="rng_state"):
         generator_from_state(torch.zeros(7, dtype=torch.uint8))
+    state = torch.Generator().manual_seed(3).get_state()
+    # Any other dtype is refused, not cast: 0.7 more, or 256 more, would be another state.
+    for other in (state.float() + 0.7, state.long() + 256):
+        with pytest.raises(InvalidInputError, match="rng_state has dtype torch.(float32|int64): "
+                                                    "pass the uint8 state stage 1 returned"):
+            generator_from_state(other)
+    assert torch.equal(generator_from_state(state).get_state(), state)
 
 
 def test_views_in_chunks_agree_with_one_batch(stage1, text_encoder):

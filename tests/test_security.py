@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -210,6 +211,48 @@ def test_mutual_tls_and_token(pki):
                                                      key=pki.client.key)) == 1  # SERVING
         # The server keeps serving the right client after all those refusals.
         assert encode_with(address, good).shape == (1, 77, 4)
+
+
+def test_health_watch_needs_the_token_and_streams_beyond_the_threads_are_refused():
+    """Anyone may call the health Check (probes), but a Watch stream holds one of the server's
+    threads for as long as it is open: it needs the token, and calls beyond the server's threads
+    are refused at once (RESOURCE_EXHAUSTED, which clients retry) instead of waiting behind the
+    streams with no bound (before, 17 open streams made every later call, Check included, time
+    out)."""
+    config = ServerConfig(service="encoder", model="fake")
+    threads = config.max_concurrent + config.max_queue + 8  # what serve gives the server
+    request = health_pb2.HealthCheckRequest(service="anagram.v1.Encoder")
+    with encoder_server(ServerSecurity(token=TOKEN)) as address:
+        with open_channel(address, ClientSecurity()) as channel:
+            stranger = health_pb2_grpc.HealthStub(channel)
+            assert stranger.Check(request, timeout=5).status == 1  # SERVING, no token needed
+            with pytest.raises(grpc.RpcError) as info:
+                next(stranger.Watch(request, timeout=5))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        token = ClientSecurity(token=TOKEN).metadata()
+        with open_channel(address, ClientSecurity(token=TOKEN)) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            streams = [stub.Watch(request, timeout=60, metadata=token) for _ in range(threads)]
+            for stream in streams:
+                assert next(stream).status == 1  # open, each holding a thread
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Check(request, timeout=20)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() - started < 10
+            for stream in streams:
+                stream.cancel()
+            deadline = time.monotonic() + 20  # the threads are given back as the streams end
+            while True:
+                try:
+                    assert stub.Check(request, timeout=5).status == 1
+                    break
+                except grpc.RpcError as error:
+                    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or \
+                            time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        assert encode_with(address, ClientSecurity(token=TOKEN)).shape == (1, 77, 4)
 
 
 def test_server_tls_without_client_certificates(pki):

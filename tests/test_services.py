@@ -84,6 +84,10 @@ def test_codec_handles_non_contiguous_and_rejects_bad_messages():
         codec.decode(pb.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8))
     with pytest.raises(codec.CodecError, match="negative"):
         codec.decode(pb.Tensor(dtype="float32", shape=[-1], data=b""))
+    assert not codec.is_set(pb.Tensor())
+    assert codec.is_set(pb.Tensor(data=b"\0" * 4))  # data without a header is not "not given"
+    with pytest.raises(codec.CodecError, match="dtype='' is not supported"):
+        codec.decode(pb.Tensor(data=b"\0" * 4), "image")
 
 
 def test_replica_targets():
@@ -217,8 +221,37 @@ def test_bad_stage2_requests(client):
         client.stage2(pb.Stage2Request(image=codec.encode(torch.zeros(1, 3, 64, 64)),
                                        rng_state=codec.encode(torch.zeros(3, dtype=torch.uint8)),
                                        **base))
+    # rng_state and the images are checked from their headers, before any data is copied; a
+    # field with data only is not "missing" (stage 2 would quietly start from the seed instead).
+    state = torch.Generator().get_state()
+    for bad_state in (pb.Tensor(data=state.numpy().tobytes()), codec.encode(state.float() + 0.7),
+                      pb.Tensor(dtype="uint8", shape=[50_000_000])):
+        with pytest.raises(ServiceError, match=r"rng_state has dtype .* send the uint8 state of "
+                                               r"5056 values stage 1 returned"):
+            client.stage2(pb.Stage2Request(image=codec.encode(torch.zeros(1, 3, 64, 64)),
+                                           rng_state=bad_state, **base))
+    for field, image in (("image", pb.Tensor(dtype="float32", shape=[60_000_000])),
+                         ("image", codec.encode(torch.zeros(2, 3, 64, 64))),
+                         ("ref_image", pb.Tensor(data=b"\0" * 64))):
+        images = {"image": codec.encode(torch.zeros(1, 3, 64, 64)), field: image}
+        with pytest.raises(ServiceError, match=f"{field} has shape .*: send one RGB image"):
+            client.stage2(pb.Stage2Request(**images, **base))
     with pytest.raises(ServiceError, match="prompts is empty"):
         client.encode([])
+
+
+def test_an_error_that_repeats_a_long_input_stays_one_invalid_argument(client, services):
+    """A status message repeating a client's input (a view name of 20,000 characters) is cut to
+    its start and end, so gRPC still carries it (over its trailer limit it became a
+    RESOURCE_EXHAUSTED of gRPC's own, which clients retry as overload)."""
+    with pytest.raises(ServiceError) as info:
+        client.stage1(_stage1_request(client, views=[pb.ViewSpec(name="é" * 20_000),
+                                                     pb.ViewSpec(name="flip")]))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    message = str(info.value)
+    assert "unknown view 'éé" in message and " … " in message and "Valid views:" in message
+    assert len(message.encode()) < 3000
+    client.check(timeout=5)
 
 
 def test_deadline_stops_the_loop_and_server_keeps_serving(services, client):
@@ -283,6 +316,40 @@ def test_overload_is_resource_exhausted():
     assert "retry" in info.value.details()
     trailing = dict(info.value.trailing_metadata() or ())
     assert int(trailing["retry-after-ms"]) > 0
+
+
+@pytest.mark.parametrize("service", ["stage1", "stage2"])
+def test_a_request_that_cannot_run_is_refused_before_it_waits(service):
+    """A bad request is refused at once (INVALID_ARGUMENT), not after waiting for a slot, nor with
+    RESOURCE_EXHAUSTED when the queue is full: a client that follows a retry hint would retry a
+    request that can never run."""
+    directory = STAGE1_DIR if service == "stage1" else STAGE2_DIR
+    stub_class = pb_grpc.Stage1Stub if service == "stage1" else pb_grpc.Stage2Stub
+
+    def request(steps: int, prompts: int = 2) -> pb.Stage1Request | pb.Stage2Request:
+        stage1 = _stage1_request_static(steps)
+        stage1.prompt_embeds.CopyFrom(codec.encode(torch.zeros(prompts, 77, 32)))
+        if service == "stage1":
+            return stage1
+        return pb.Stage2Request(image=codec.encode(torch.zeros(1, 3, 64, 64)),
+                                prompt_embeds=stage1.prompt_embeds,
+                                negative_prompt_embeds=stage1.negative_prompt_embeds,
+                                views=stage1.views, params=stage1.params)
+
+    with running(service, str(directory), max_queue=0) as address:
+        with open_channel(address) as channel:
+            stub = stub_class(channel)
+            busy = stub.Sample(request(500), timeout=60)
+            next(busy)  # it is running now and holds the only slot
+            for bad, match in ((request(0), "num_inference_steps=0 is out of range"),
+                               (request(3, prompts=3), "3 prompts for 2 views")):
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as info:
+                    list(stub.Sample(bad, timeout=30))
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+                assert match in info.value.details()
+                assert time.monotonic() - started < 5
+            busy.cancel()
 
 
 def test_unreachable_service_is_named():

@@ -43,7 +43,7 @@ def encode(tensor: torch.Tensor) -> pb.Tensor:
 
 def decode(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     """Tensor message -> CPU tensor (a private copy). ``field`` names it in error messages."""
-    if not is_set(message) and not message.data:
+    if not is_set(message):
         raise CodecError(f"{field} is missing: fill in its dtype, shape and data")
     if message.dtype not in DTYPES:
         raise CodecError(
@@ -71,5 +71,5 @@ def decode(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
 
 
 def is_set(message: pb.Tensor) -> bool:
-    """Whether an optional Tensor field was filled in."""
-    return bool(message.dtype) or len(message.shape) > 0
+    """Whether an optional Tensor field was filled in (any of its dtype, shape or data)."""
+    return bool(message.dtype) or len(message.shape) > 0 or bool(message.data)

@@ -25,6 +25,21 @@ from services.common.codec import CodecError
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_KEY = "retry-after-ms"
+# The longest status message sent, in UTF-8 bytes. gRPC sends it percent-encoded in a trailer, and
+# a trailer over its limit (8-16 KiB) replaces the whole status with a RESOURCE_EXHAUSTED of its
+# own; a message that repeats a client's input can be that long.
+MAX_STATUS_BYTES = 2048
+
+
+def capped(message: str, limit: int = MAX_STATUS_BYTES) -> str:
+    """``message``, or its start and end (where a message names the fix) joined by an ellipsis
+    when it is longer than ``limit`` UTF-8 bytes."""
+    data = message.encode()
+    if len(data) <= limit:
+        return message
+    head = data[:limit * 2 // 3].decode(errors="ignore")
+    tail = data[len(data) - limit // 3:].decode(errors="ignore")
+    return f"{head} … {tail}"
 
 
 class ServiceOverloaded(RuntimeError):
@@ -41,6 +56,11 @@ class NotReady(RuntimeError):
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``."""
+    code, message = _status_for(exc)
+    return code, capped(message)
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, (InvalidInputError, ViewError, CodecError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, ServiceOverloaded):
@@ -60,7 +80,7 @@ def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if code == grpc.StatusCode.CANCELLED:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded: {exc}"
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, capped(f"deadline exceeded: {exc}")
         logger.info("%s stopped: %s", method, message)
     elif code == grpc.StatusCode.INTERNAL:
         logger.exception("%s failed", method)

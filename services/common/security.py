@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "ILLUSION_TOKEN"
 AUTH_HEADER = "authorization"
-# Methods anyone may call without the token: health checks (load balancers, Kubernetes probes).
-OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+# Methods anyone may call without the token: the health check (load balancers, Kubernetes
+# probes). Not the health Watch stream: each open stream holds one of the server's threads.
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 
 
 class SecurityConfigError(ValueError):

@@ -157,7 +157,10 @@ def create_server(address: str, max_workers: int = 16, security: ServerSecurity 
     With ``security``: a TLS port (mutual TLS when it has a client CA) and the bearer-token check.
     """
     security = security or ServerSecurity()
+    # Calls beyond the threads are refused (RESOURCE_EXHAUSTED, which clients retry) rather than
+    # left waiting for a thread with no bound, behind long streams.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         maximum_concurrent_rpcs=max_workers,
                          interceptors=[*security.interceptors(), RequestDecodeErrors()],
                          options=[*message_options(max_message_bytes),
                                   *SERVER_KEEPALIVE_OPTIONS,

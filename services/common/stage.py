@@ -15,6 +15,8 @@ from illusions.models import UNetStage, load_unet_stage
 from illusions.sampling import (
     InvalidInputError,
     SamplingParams,
+    generator_from_state,
+    new_generator,
     sample_stage_1,
     sample_stage_2,
 )
@@ -31,6 +33,7 @@ MAX_VIEWS = 16  # more views than this is a mistake, and the UNet batch would be
 # cost memory, copied before the request waits for its turn.
 MAX_IMAGE_SIDE = 1024
 MAX_EMBED_DIM = 8192  # widest prompt embeddings taken (T5-XXL's are 4096); bounds the copy as above
+RNG_STATE_BYTES = torch.Generator().get_state().numel()  # a CPU generator's state (5056 bytes)
 
 
 def views_from_specs(specs: Sequence[pb.ViewSpec]) -> list[View]:
@@ -79,6 +82,10 @@ def embeds_from_request(request: pb.Stage1Request | pb.Stage2Request
 def optional_image(message: pb.Tensor, field: str) -> torch.Tensor | None:
     if not codec.is_set(message):
         return None
+    shape = list(message.shape)
+    if len(shape) not in (3, 4) or math.prod(shape[:-2]) > 3:
+        # Checked before the data is copied: one RGB image is all any field takes.
+        raise InvalidInputError(f"{field} has shape {shape}: send one RGB image, (1, 3, H, W)")
     if len(message.shape) >= 2 and max(message.shape[-2:]) > MAX_IMAGE_SIDE:
         height, width = message.shape[-2:]
         raise InvalidInputError(
@@ -89,6 +96,19 @@ def optional_image(message: pb.Tensor, field: str) -> torch.Tensor | None:
     if not image.is_floating_point():
         raise InvalidInputError(f"{field} has dtype {image.dtype}: send a float image in [-1, 1]")
     return image
+
+
+def generator_from_request(request: pb.Stage2Request) -> torch.Generator:
+    """The generator stage 1 handed over in ``rng_state``, or a new one from the seed."""
+    message = request.rng_state
+    if not codec.is_set(message):
+        return new_generator(request.params.seed)
+    if message.dtype != "uint8" or list(message.shape) != [RNG_STATE_BYTES]:
+        raise InvalidInputError(
+            f"rng_state has dtype {message.dtype!r} and shape {list(message.shape)}: send the "
+            f"uint8 state of {RNG_STATE_BYTES} values stage 1 returned, unchanged (or none, to "
+            "start from the seed)")
+    return generator_from_state(codec.decode(message, "rng_state"))
 
 
 def sample_result(image: torch.Tensor, generator: torch.Generator, service: str,

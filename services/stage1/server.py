@@ -10,7 +10,7 @@ import grpc
 from anagram.v1 import anagram_pb2 as pb
 from anagram.v1 import anagram_pb2_grpc as pb_grpc
 from illusions.models import UNetStage
-from illusions.sampling import new_generator, stage_1_job
+from illusions.sampling import check_stage_1_inputs, new_generator, stage_1_job
 from services.common.errors import rpc_errors
 from services.common.server import Admission, ModelHandle, ServerConfig, serve, stream_with_progress
 from services.common.stage import (
@@ -39,6 +39,8 @@ class Stage1Servicer(pb_grpc.Stage1Servicer):
         params = params_from_proto(request.params)
         ref_image = optional_image(request.ref_image, "ref_image")
         generator = new_generator(request.params.seed)
+        # Before the request waits for its turn: a request that cannot run is told so at once.
+        check_stage_1_inputs(stage, prompt_embeds, negative, views, params, ref_image)
 
         def work(progress, should_stop) -> pb.SampleResult:
             job = stage_1_job(stage, prompt_embeds, negative, views, generator, params,

@@ -10,18 +10,13 @@ import grpc
 from anagram.v1 import anagram_pb2 as pb
 from anagram.v1 import anagram_pb2_grpc as pb_grpc
 from illusions.models import UNetStage
-from illusions.sampling import (
-    InvalidInputError,
-    generator_from_state,
-    new_generator,
-    stage_2_job,
-)
-from services.common import codec
+from illusions.sampling import InvalidInputError, check_stage_2_inputs, stage_2_job
 from services.common.errors import rpc_errors
 from services.common.server import Admission, ModelHandle, ServerConfig, serve, stream_with_progress
 from services.common.stage import (
     LazyRunner,
     embeds_from_request,
+    generator_from_request,
     load_stage,
     model_info,
     optional_image,
@@ -47,10 +42,9 @@ class Stage2Servicer(pb_grpc.Stage2Servicer):
         views = views_from_specs(request.views)
         params = params_from_proto(request.params)
         ref_image = optional_image(request.ref_image, "ref_image")
-        if codec.is_set(request.rng_state):
-            generator = generator_from_state(codec.decode(request.rng_state, "rng_state"))
-        else:
-            generator = new_generator(request.params.seed)
+        generator = generator_from_request(request)
+        # Before the request waits for its turn: a request that cannot run is told so at once.
+        check_stage_2_inputs(stage, image, prompt_embeds, negative, views, params, ref_image)
 
         def work(progress, should_stop) -> pb.SampleResult:
             job = stage_2_job(stage, image, prompt_embeds, negative, views, generator, params,
