@@ -526,3 +526,64 @@ def test_a_sample_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
     synced.clear()
     output.write_json_atomic(run / "metadata.json", {"samples_done": [7]})
     assert len(synced) == 2 and synced[1] == str(run), synced
+
+
+def test_a_freed_slot_goes_to_the_call_that_waited_longest():
+    """Admission is first come, first served: a call arriving (or retrying) just as a slot is
+    freed queues behind those already waiting instead of taking it, a waiting call that is
+    cancelled leaves the queue, and one cancelled just as it is given the slot passes it on."""
+    from illusions.sampling import SamplingCancelled
+    from services.common.errors import ServiceOverloaded
+    from services.common.server import Admission
+
+    admission = Admission(max_running=1, max_waiting=3)
+    admission.acquire(lambda: True)  # the running call
+    order: list[str] = []
+    active = {"a": True, "b": True, "c": True, "d": True}
+
+    def call(name: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                with admission.slot(lambda: active[name]):
+                    order.append(name)
+            except SamplingCancelled:
+                order.append(f"{name} cancelled")
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(0.3)  # in the queue before the next one arrives
+        return thread
+
+    threads = [call(name) for name in "abc"]
+    with pytest.raises(ServiceOverloaded, match="3 requests already waiting"):
+        admission.acquire(lambda: True)
+    active["b"] = False  # b gives up while waiting
+    time.sleep(0.3)
+    assert order == ["b cancelled"]
+    admission.release()  # the running call ends; at that moment d arrives
+    threads.append(call("d"))
+    for thread in threads:
+        thread.join(5)
+    assert order == ["b cancelled", "a", "c", "d"]
+
+    # Cancelled as its turn came: the slot goes on to the next call rather than being lost.
+    admission = Admission(max_running=1, max_waiting=2)
+    admission.acquire(lambda: True)
+    errors: list[BaseException] = []
+
+    def slot_ends_as_it_gives_up() -> bool:
+        admission.release()  # the running call ends: its slot is handed to this waiting call
+        return False  # which is cancelled at that very moment
+
+    def give_up() -> None:
+        try:
+            admission.acquire(slot_ends_as_it_gives_up)
+        except SamplingCancelled as error:
+            errors.append(error)
+
+    waiting = threading.Thread(target=give_up)
+    waiting.start()
+    waiting.join(5)
+    assert len(errors) == 1
+    admission.acquire(lambda: True)  # does not wait: the slot was passed on, not lost
+    admission.release()

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -216,36 +217,51 @@ class Admission:
     """At most ``max_running`` calls run and ``max_waiting`` wait; the rest are refused.
 
     Refusing (RESOURCE_EXHAUSTED, with a retry hint) instead of queueing without bound keeps a
-    burst of requests from exhausting memory.
+    burst of requests from exhausting memory. Waiting calls are admitted in their order of
+    arrival: a freed slot goes to the call that has waited longest, never to one that arrives
+    (or retries) at that moment.
     """
 
     def __init__(self, max_running: int, max_waiting: int) -> None:
         self.max_running = max_running
-        self._slots = threading.Semaphore(max_running)
+        self._free = max_running
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._waiting: deque[threading.Event] = deque()  # set: this call now holds a slot
         self._max_waiting = max_waiting
 
     def acquire(self, is_active: Callable[[], bool]) -> None:
-        if self._slots.acquire(blocking=False):
-            return
         with self._lock:
-            if self._waiting >= self._max_waiting:
+            if self._free > 0 and not self._waiting:
+                self._free -= 1
+                return
+            if len(self._waiting) >= self._max_waiting:
                 raise ServiceOverloaded(
-                    f"server busy: {self._waiting} requests already waiting; retry shortly",
+                    f"server busy: {len(self._waiting)} requests already waiting; retry shortly",
                     retry_after_s=2.0,
                 )
-            self._waiting += 1
+            turn = threading.Event()
+            self._waiting.append(turn)
         try:
-            while not self._slots.acquire(timeout=0.1):
+            while not turn.wait(0.1):
                 if not is_active():
                     raise SamplingCancelled("cancelled while waiting for a free slot")
-        finally:
+        except BaseException:
             with self._lock:
-                self._waiting -= 1
+                if turn.is_set():  # given a slot as it left: the next call gets it
+                    self._release_locked()
+                else:
+                    self._waiting.remove(turn)
+            raise
 
     def release(self) -> None:
-        self._slots.release()
+        with self._lock:
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        if self._waiting:
+            self._waiting.popleft().set()  # handed over: the slot is never free in between
+        else:
+            self._free += 1
 
     @contextmanager
     def slot(self, is_active: Callable[[], bool]) -> Iterator[None]:
