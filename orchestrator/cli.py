@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 120); calls lost with a replica are tried again")
     gen.add_argument("--overwrite", action="store_true",
                      help="the run folder holds a different run: delete its samples and start "
-                          "afresh (without it, that is an error; the same command resumes)")
+                          "afresh (without it, that is an error; the same command resumes, with "
+                          "or without it)")
     add_client_options(gen, f"send the bearer token in this file (or set {TOKEN_ENV})")
     gen.add_argument("--no-progress", action="store_true", help="no progress bars")
     gen.add_argument("--animate", action="store_true",
@@ -558,8 +559,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             models = local_models(specs)
             written = None if models is None else finished_run(config, models)
             if written is not None:
-                logger.warning("%s: %s made already, nothing to do (pass --overwrite to make "
-                               "again)", config.run_dir, "its sample is" if len(written) == 1
+                logger.warning("%s: %s made already, nothing to do (to make them again, remove "
+                               "the folder or pick another --name)", config.run_dir,
+                               "its sample is" if len(written) == 1
                                else f"all {len(written)} samples are")
             else:
                 logger.info("local mode: starting the encoder, stage-1 and %d stage-2 service(s)",

@@ -107,6 +107,15 @@ class LocalServices:
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self) -> dict[str, str]:
+        """Start the services and wait until each serves; returns their addresses. However it
+        ends otherwise (a service that fails, Ctrl-C, SIGTERM), the started ones are stopped."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.pop(TOKEN_ENV, None)  # local services talk plaintext on loopback, without a token
@@ -163,7 +172,11 @@ class LocalServices:
         self.children.clear()
 
     def __enter__(self) -> dict[str, str]:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

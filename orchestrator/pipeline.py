@@ -334,8 +334,6 @@ def finished_run(config: GenerateConfig, models: dict[str, dict[str, Any]]) -> l
     folder, made by the same command with these ``models`` (``{"encoder": {"model": ...,
     "dtype": ..., "quantize": ..., "random_weights": ...}, "stage1": ..., "stage2": ...}``, as
     :func:`job_identity` compares them); else None. Local mode then starts no service at all."""
-    if config.overwrite:
-        return None
     try:
         old = read_metadata(config.run_dir)
     except (OSError, ValueError):
@@ -432,19 +430,24 @@ def _generate(config: GenerateConfig, client: CascadeClient, views: list[View],
     prompts = style_prompts(config.prompts, config.style)
     models = client.describe()
     run_dir = config.run_dir
-    # --overwrite: the earlier run's samples and metadata go when the first new sample is ready
-    # (publish below), so a run that fails before it leaves the earlier one whole.
-    to_clear = config.overwrite
-    if not config.overwrite:
+    # --overwrite: another run's samples and metadata go when the first new sample is ready
+    # (publish below), so a run that fails before it leaves the earlier one whole. The same run
+    # resumes, with or without it: its finished samples are this command's pictures already.
+    to_clear = False
+    try:
         check_run_dir(config, _metadata(config, prompts, models, []))
+    except RunMismatchError:
+        if not config.overwrite:
+            raise
+        to_clear = True
     run_dir.mkdir(parents=True, exist_ok=True)
-    done = [] if config.overwrite else finished_samples(run_dir, config.save_tensors)
+    done = [] if to_clear else finished_samples(run_dir, config.save_tensors)
     seeds = config.seeds
     todo = [seed for seed in seeds if seed not in done]
     if len(todo) < len(seeds):
         logger.info("resuming %s: %d of %d samples already done", run_dir,
                     len(seeds) - len(todo), len(seeds))
-    if not config.overwrite:
+    if not to_clear:
         write_json_atomic(run_dir / "metadata.json", _metadata(config, prompts, models, done))
     if not todo:
         return [sample_dir(run_dir, seed) for seed in seeds]

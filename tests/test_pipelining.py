@@ -229,6 +229,38 @@ def test_local_services_that_do_not_start_in_time_are_stopped_and_say_why(monkey
         LocalServices(specs[1:]).start()
 
 
+def test_local_services_interrupted_while_starting_are_stopped(monkeypatch):
+    """Ctrl-C (or SIGTERM, which the CLI turns into an exception) while the services are still
+    starting stops those already started: before, they went on loading their models (minutes,
+    and a GPU's memory) with nobody to use them."""
+    import signal
+    import subprocess
+    import sys
+
+    from orchestrator.local import LocalServices, LocalServiceSpec
+
+    monkeypatch.setattr(LocalServiceSpec, "command",
+                        lambda self: [sys.executable, "-c", "import time; time.sleep(60)"])
+    started: list[subprocess.Popen] = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr("orchestrator.local.subprocess.Popen", Recorded)
+    services = LocalServices([LocalServiceSpec("encoder", "m"), LocalServiceSpec("stage1", "m")])
+    timer = threading.Timer(1.0, signal.pthread_kill,  # Ctrl-C, as the main thread gets it
+                            (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        with services:
+            pytest.fail("the services never said they were ready")
+    assert len(started) == 2
+    assert all(process.poll() is not None for process in started)  # stopped
+    assert services._logdir is None  # and their logs' folder removed
+
+
 # ----------------------------------------------------------------------------- the run folder
 
 
@@ -250,6 +282,27 @@ def test_overwrite_keeps_the_earlier_run_until_a_new_sample_is_ready(tmp_path):
     meta = json.loads((run / "metadata.json").read_text())
     assert meta["prompts"] == ["c", "d"] and meta["samples_done"] == [0]
     assert not (run / "0001").exists()  # the earlier run's sample is gone with it
+
+
+def test_the_same_overwrite_command_run_again_resumes_its_own_samples(tmp_path):
+    """An --overwrite run stopped part-way (its failure, or Ctrl-C) and run again as it was
+    resumes: the samples it made are kept, not deleted as "another run" (they were, which lost
+    the work the interrupt message said was kept)."""
+    generate(_config(tmp_path, 2), StandIn(stage2_seconds=0.0), progress=False)  # another run
+    other = GenerateConfig(prompts=("c", "d"), views=("identity", "rotate_180"),
+                           save_dir=tmp_path, name="run", num_samples=3, overwrite=True)
+    with pytest.raises(ServiceError):
+        generate(other, StandIn(stage2_seconds=0.0, fail_seed=2), progress=False, stage2_workers=1)
+    run = tmp_path / "run"
+    assert json.loads((run / "metadata.json").read_text())["samples_done"] == [0, 1]
+    made = (run / "0000" / "sample_16.png").stat().st_mtime_ns
+
+    again = StandIn(stage2_seconds=0.0)
+    generate(other, again, progress=False)
+    assert {seed for _, what, _, seed in again.events if what == "stage1"} == {2}
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["prompts"] == ["c", "d"] and meta["samples_done"] == [0, 1, 2]
+    assert (run / "0000" / "sample_16.png").stat().st_mtime_ns == made
 
 
 def test_a_sample_made_again_keeps_the_other_files_in_its_folder(tmp_path):

@@ -187,10 +187,12 @@ def test_a_finished_run_is_found_without_services(services, tmp_path):
               for name, info in recorded.items()}
     assert finished_run(config, models) == [config.run_dir / "0000", config.run_dir / "0001"]
     assert finished_run(replace(config, num_samples=1, seed=1), models) == [config.run_dir / "0001"]
+    # --overwrite replaces another run only: the same run's samples are its pictures already.
+    assert finished_run(replace(config, overwrite=True), models) == [config.run_dir / "0000",
+                                                                      config.run_dir / "0001"]
     other_model = {**models, "stage1": {**models["stage1"], "model": "DeepFloyd/IF-I-XL-v1.0"}}
     for changed, given in ((config, other_model), (replace(config, num_samples=3), models),
                            (replace(config, save_tensors=True), models),
-                           (replace(config, overwrite=True), models),
                            (replace(config, style="an oil painting of"), models),
                            (replace(config, name="elsewhere"), models)):
         assert finished_run(changed, given) is None, changed
