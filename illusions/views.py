@@ -81,6 +81,8 @@ __all__ = [
 # scales them for larger images by ``factor = H // BASE_SIZE``: sigma * factor, and kernel size
 # k * factor + ((factor + 1) % 2), the extra 1 keeping the kernel odd when the factor is even.
 BASE_SIZE = 64
+# Views of one illusion at most: more is a mistake, and each UNet call would take 2x as many rows.
+MAX_VIEWS = 16
 # Patch and piece counts per side that tile the 64, 256 and 1024 images alike.
 BASE_DIVISORS = [n for n in range(2, BASE_SIZE + 1) if BASE_SIZE % n == 0]
 
@@ -397,8 +399,9 @@ class SkewView(PermutationView):
             raise ViewError(f"skew_factor must be a finite number from -{MAX_SKEW_FACTOR:g} to "
                             f"{MAX_SKEW_FACTOR:g} (1.5 is usual), got {skew_factor}")
         # At the 64x64 stage-1 size the largest |i - H//2| is 32: a smaller factor moves nothing,
-        # and the "illusion" would be the plain image.
-        if not any(_skew_shifts(BASE_SIZE, BASE_SIZE, skew_factor)):
+        # and the "illusion" would be the plain image; so does one whose every roll is a whole
+        # turn (64, 128, ...).
+        if not any(shift % BASE_SIZE for shift in _skew_shifts(BASE_SIZE, BASE_SIZE, skew_factor)):
             raise ViewError(
                 f"skew_factor={skew_factor} moves no pixel at {BASE_SIZE}x{BASE_SIZE} (the view "
                 f"would be the identity); use |skew_factor| >= {2 / BASE_SIZE:g}, e.g. 1.5"
@@ -694,9 +697,15 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tens
     return y.transpose(-1, -2).reshape(*lead, c, h, w).to(x.dtype)
 
 
+# Narrower blurs change nothing (the kernel is one tap of 1); far narrower ones underflow to 0 and
+# would make the kernel NaN.
+MIN_SIGMA = 0.01
+
+
 def _check_sigma(sigma: float, arg: str) -> float:
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ViewError(f"{arg} must be a finite number > 0 (blur width in pixels), got {sigma}")
+    if not (math.isfinite(sigma) and sigma >= MIN_SIGMA):
+        raise ViewError(f"{arg} must be a finite number >= {MIN_SIGMA:g} (blur width in pixels), "
+                        f"got {sigma}")
     return float(sigma)
 
 

@@ -13,6 +13,7 @@ captions (each view's name and prompt, fading from one to the next) and writes t
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -208,13 +209,37 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
 
 
+# GIF frame delays are whole hundredths of a second, and browsers show a delay under 2 of them as
+# 10: a frame is never given less.
+MIN_GIF_DELAY_CS = 2
+
+
+def gif_timing(repeats: Sequence[int], fps: int) -> tuple[list[int], list[int]]:
+    """The frames a GIF keeps and their delays in ms, for frame ``i`` shown ``repeats[i] / fps``
+    seconds: each frame starts at its time rounded to a hundredth of a second (so the rounding
+    does not add up over the loop), and a frame that would get less than
+    ``MIN_GIF_DELAY_CS`` (above 50 fps) is left out, its time going to the frame before it."""
+    starts = [round(100 * t / fps) for t in itertools.accumulate(repeats, initial=0)]
+    keep: list[int] = []
+    for i in range(len(repeats)):
+        if not keep or starts[i] - starts[keep[-1]] >= MIN_GIF_DELAY_CS:
+            keep.append(i)
+    while len(keep) > 1 and starts[-1] - starts[keep[-1]] < MIN_GIF_DELAY_CS:
+        keep.pop()
+    bounds = [*(starts[i] for i in keep), starts[-1]]
+    return keep, [10 * (end - start) for start, end in itertools.pairwise(bounds)]
+
+
 def write_gif(path: Path, frames: Sequence[Image.Image], repeats: Sequence[int], fps: int) -> Path:
-    """Looping GIF, frame ``i`` shown ``repeats[i] / fps`` seconds; written atomically."""
+    """Looping GIF, frame ``i`` shown ``repeats[i] / fps`` seconds (:func:`gif_timing`); written
+    atomically."""
     path = Path(path)
     tmp = _partial(path)
+    keep, delays = gif_timing(repeats, fps)
+    shown = [frames[i] for i in keep]
     try:
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=list(frames[1:]), loop=0,
-                       duration=[round(1000 * r / fps) for r in repeats], disposal=1)
+        shown[0].save(tmp, format="GIF", save_all=True, append_images=shown[1:], loop=0,
+                      duration=delays, disposal=1)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -52,6 +52,8 @@ DEFAULT_MODELS = {
     "stage2": DEFAULT_STAGE2_MODEL,
 }
 
+MAX_TIMEOUT_S = 1e6  # about 11.6 days: longer is a mistake, or meant as "no deadline"
+
 
 def _split_view_args(values: Sequence[str] | None) -> tuple[tuple[str, ...], ...]:
     """``--view-args "" "4" "num_patches=4,..."``: one string per view, comma-separated values."""
@@ -514,11 +516,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--parallel {args.parallel}: use 1 or more (0: automatic)")
     if args.batch < 1:
         raise InvalidInputError(f"--batch {args.batch}: use 1 or more")
-    if not args.timeout > 0:
-        raise InvalidInputError(f"--timeout {args.timeout}: use more than 0 seconds (the deadline "
-                                "of each service call)")
-    if args.retry_timeout < 0:
-        raise InvalidInputError(f"--retry-timeout {args.retry_timeout}: use 0 or more seconds")
+    # gRPC's deadlines overflow far beyond this: a call with a deadline of 1e10 s failed at once.
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:
+        raise InvalidInputError(f"--timeout {args.timeout:g}: use more than 0 seconds and at most "
+                                f"{MAX_TIMEOUT_S:g} (the deadline of each service call)")
+    if not 0 <= args.retry_timeout <= MAX_TIMEOUT_S:
+        raise InvalidInputError(f"--retry-timeout {args.retry_timeout:g}: use 0 .. "
+                                f"{MAX_TIMEOUT_S:g} seconds")
     check_config(config)  # fail fast, before any service starts
     progress = not args.no_progress and sys.stderr.isatty()
 

@@ -22,14 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from anagram.v1 import anagram_pb2 as pb
 from illusions.sampling import InvalidInputError, SamplingParams, resize_reference
 from illusions.text import style_prompts
-from illusions.views import VIEWS, View, ViewError, build_views, parse_view_args
+from illusions.views import MAX_VIEWS, VIEWS, View, ViewError, build_views, parse_view_args
 from orchestrator.client import CascadeClient
 from orchestrator.output import (
     publish_sample,
@@ -81,7 +82,13 @@ class GenerateConfig:
         if self.name:
             return self.name
         words = [_folder_safe(p.split()[-1]) if p.split() else "blank" for p in self.prompts]
-        return ".".join([*self.views, *words])[:120]
+        # At most 120 characters and 200 bytes: file systems take 255 bytes a name, and
+        # letters of other scripts take 2-4 bytes each.
+        name = ".".join([*self.views, *words])[:120]
+        return name.encode()[:200].decode(errors="ignore")
+
+
+MAX_NAME_BYTES = 255  # a folder name, on the usual file systems
 
 
 def _folder_safe(word: str) -> str:
@@ -97,6 +104,9 @@ def check_run_name(name: str) -> None:
             f"--name {name!r}: give one folder name, without '/' and not '.' or '..' (the run "
             "goes into --save-dir/NAME; choose where with --save-dir)"
         )
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise InvalidInputError(f"--name is {len(name.encode())} bytes long: give a name of at most "
+                                f"{MAX_NAME_BYTES} bytes (one folder name)")
 
 
 def check_config(config: GenerateConfig) -> list[View]:
@@ -116,11 +126,16 @@ def check_config(config: GenerateConfig) -> list[View]:
             f"{len(config.view_args)} --view-args for {len(config.views)} views: give one per "
             "view, '' for a view's defaults"
         )
+    if len(config.views) > MAX_VIEWS:
+        raise InvalidInputError(f"{len(config.views)} views: use at most {MAX_VIEWS}")
     if not 1 <= config.num_samples <= MAX_SAMPLES:
         raise InvalidInputError(f"--num-samples {config.num_samples}: use 1 .. {MAX_SAMPLES:,} "
                                 "(a larger job: several runs with other --seed values)")
-    if not 0 <= config.seed < 2**63 - config.num_samples:
-        raise InvalidInputError(f"--seed {config.seed} is out of range: use 0 .. 2**63-1")
+    last_seed = 2**63 - config.num_samples  # sample i has seed --seed + i, at most 2**63-1
+    if not 0 <= config.seed <= last_seed:
+        raise InvalidInputError(f"--seed {config.seed} is out of range: use 0 .. {last_seed} "
+                                f"with --num-samples {config.num_samples} (sample i has seed "
+                                "--seed + i, at most 2**63-1)")
     if not -(2**63) <= config.view_seed < 2**63:
         raise InvalidInputError(f"--view-seed {config.view_seed} is out of range: use "
                                 "-2**63 .. 2**63-1")
@@ -347,11 +362,20 @@ def finished_run(config: GenerateConfig, models: dict[str, dict[str, Any]]) -> l
     return [sample_dir(config.run_dir, seed) for seed in config.seeds]
 
 
+def _rgb_picture(picture: Image.Image) -> Image.Image:
+    """8-bit RGB, as the image is seen: 16-bit grey (PNG; Pillow's "I;16" or "I") scaled to 8
+    bits first, which Pillow's own conversion clips at 255 (all but the darkest white)."""
+    if picture.mode.startswith("I;16") or picture.mode == "I":
+        grey = np.asarray(picture, dtype=np.float64) / 257
+        picture = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
+    return picture.convert("RGB")
+
+
 def load_ref_image(path: Path) -> torch.Tensor:
     """An image file -> (3, H, W) float32 in [-1, 1]."""
     try:
         with Image.open(path) as picture:
-            rgb = picture.convert("RGB")
+            rgb = _rgb_picture(ImageOps.exif_transpose(picture))
     except Image.DecompressionBombError as exc:
         raise InvalidInputError(f"--ref-image {path} is too large to open safely ({exc}): scale "
                                 "it down; it is used at 64 and 256 pixels") from None

@@ -250,6 +250,27 @@ def test_gif_opens_with_the_expected_frames(tmp_path: Path, frames_and_repeats):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
+@pytest.mark.parametrize("fps", [20, 30, 60, 100])
+def test_gif_delays_keep_the_loop_length_and_no_frame_is_under_20_ms(tmp_path, fps):
+    """GIF delays are hundredths of a second, and browsers slow a delay under 2 of them to 10
+    (at --fps 60 every transition frame got 10 ms: ten times too slow). The loop keeps its length
+    to the hundredth, every frame shown gets at least 20 ms, and only frames too short for that
+    are left out (none up to 50 fps)."""
+    repeats = [12, 1, 1, 1, 1, 1, 1, 1, 12, 1, 1, 1, 1, 1, 1, 1]
+    frames = [Image.new("RGB", (8, 8), (16 * i, 0, 0)) for i in range(len(repeats))]
+    path = write_gif(tmp_path / "a.gif", frames, repeats, fps=fps)
+    with Image.open(path) as gif:
+        delays = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            delays.append(gif.info["duration"])
+    assert sum(delays) == 10 * round(100 * sum(repeats) / fps)
+    assert min(delays) >= 20 and all(d % 10 == 0 for d in delays)
+    if fps <= 50:
+        assert len(delays) == len(frames)
+    assert len(delays) >= len(frames) // 2  # at most every other frame of a transition left out
+
+
 def test_mp4_opens_with_the_expected_frames(tmp_path: Path, frames_and_repeats):
     pytest.importorskip("imageio_ffmpeg")
     import imageio.v2 as imageio

@@ -163,7 +163,19 @@ def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
         (["--prompts", "a", "b", "--views", "identity", "flip", "--name", ".."],
          ["--name '..': give one folder name"]),
         (["--prompts", "a", "b", "--views", "identity", "flip", "--timeout", "0"],
-         ["--timeout 0.0: use more than 0 seconds"]),
+         ["--timeout 0: use more than 0 seconds"]),
+        # gRPC's deadline overflowed: every call failed at once, "raise --timeout"
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--timeout", "1e10"],
+         ["--timeout 1e+10: use more than 0 seconds and at most 1e+06"]),
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--retry-timeout", "nan"],
+         ["--retry-timeout nan: use 0 .. 1e+06 seconds"]),
+        (["--prompts", *"abcdefghijklmnopq", "--views", "identity", *["flip"] * 16],
+         ["17 views: use at most 16"]),  # refused by the services only, after loading
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--seed", str(2**63 - 1),
+          "--num-samples", "2"],
+         [f"--seed {2**63 - 1} is out of range: use 0 .. {2**63 - 2} with --num-samples 2"]),
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--name", "瀑" * 90],
+         ["--name is 270 bytes long: give a name of at most 255 bytes"]),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, capsys, args, expected):
@@ -428,6 +440,15 @@ def test_default_run_name_is_one_folder(tmp_path):
     unchanged = GenerateConfig(prompts=("an oil painting of a rabbit", "a platypus, duck-billed"),
                                views=("identity", "rotate_cw"))
     assert unchanged.run_name == "identity.rotate_cw.rabbit.duck-billed"
+    # Letters of other scripts take 3 bytes: the name stays within a folder name's 255 bytes
+    # (120 such letters made "File name too long").
+    long = GenerateConfig(prompts=("a", "瀑布" * 60), views=("identity", "flip"),
+                          save_dir=tmp_path)
+    assert long.run_name.startswith("identity.flip.a.瀑布") and len(long.run_name.encode()) <= 200
+    check_config(long)
+    long.run_dir.mkdir()
+    # The largest seed is allowed for the last sample (2**63-1 for one sample).
+    check_config(GenerateConfig(prompts=("a", "b"), views=("identity", "flip"), seed=2**63 - 1))
 
 
 def test_local_mode_services_for_fixed_batch_and_compile():

@@ -410,6 +410,32 @@ def test_run_settings_that_cannot_work_are_refused_before_any_call(tmp_path, cha
         check_config(config)
 
 
+def test_a_reference_is_read_as_it_is_seen(tmp_path):
+    """A photo's EXIF orientation is applied (a phone's portrait photo is stored on its side),
+    and 16-bit grey is scaled to 8 bits (Pillow's conversion clipped it at 255: nearly white)."""
+    import numpy as np
+    from PIL import Image
+
+    from orchestrator.pipeline import load_ref_image
+
+    wide = Image.new("RGB", (80, 40), (250, 0, 0))
+    wide.paste((0, 0, 250), (0, 0, 40, 40))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to view
+    wide.save(tmp_path / "portrait.jpg", exif=exif.tobytes(), quality=95)
+    seen = load_ref_image(tmp_path / "portrait.jpg")
+    assert seen.shape == (3, 80, 40)  # tall, as viewers show it
+    assert seen[2, :30].mean() > 0.8 and seen[0, 50:].mean() > 0.8  # blue on top, then red
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    grey = load_ref_image(tmp_path / "grey16.png")
+    assert grey.shape == (3, 64, 64)
+    expected = torch.from_numpy(np.round(ramp / 257).astype(np.float32)) / 127.5 - 1
+    assert (grey[0] - expected).abs().max() <= 1 / 127.5 + 1e-6
+    assert torch.equal(grey[0], grey[2])
+
+
 def test_unusable_reference_and_save_dir_name_the_option(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -21,13 +21,12 @@ from illusions.sampling import (
     sample_stage_2,
 )
 from illusions.text import MAX_LENGTH
-from illusions.views import View, build_views
+from illusions.views import MAX_VIEWS, View, build_views
 from services.common import codec
 from services.common.server import ServerConfig
 
 logger = logging.getLogger(__name__)
 
-MAX_VIEWS = 16  # more views than this is a mistake, and the UNet batch would be 2x this
 # An image field's height and width. Stage 2 takes the stage-1 output (64 px) and a reference image
 # is resized to the stage's size (the `illusion` client sends it at that size); larger images only
 # cost memory, copied before the request waits for its turn.
