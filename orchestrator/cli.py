@@ -570,9 +570,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             else:
                 logger.info("local mode: starting the encoder, stage-1 and %d stage-2 service(s)",
                             len(stage2_devices))
-                with LocalServices(specs) as addresses, CascadeClient(
+                services = LocalServices(specs)
+                with services as addresses, CascadeClient(
                     addresses["encoder"], addresses["stage1"], addresses["stage2"],
-                    timeout=args.timeout, retry_timeout=args.retry_timeout,
+                    timeout=args.timeout, retry_timeout=args.retry_timeout, gone=services.exited,
                 ) as client:
                     client.check()
                     written = generate(config, client, progress=progress,

@@ -190,6 +190,8 @@ class _Service:
     address: str
     channel: grpc.Channel
     metadata: tuple[tuple[str, str], ...] = ()
+    # Why the service cannot come back (a local service whose process has exited), or None.
+    gone: Callable[[str], str | None] | None = None
 
     def check(self, timeout: float) -> None:
         """Wait until the service answers SERVING: up to ``timeout`` seconds while it is up but
@@ -264,9 +266,12 @@ class _Service:
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAMES[self.name])
         deadline = time.monotonic() + budget
         while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                reply = stub.Check(request, timeout=remaining, wait_for_ready=True,
-                                   metadata=self.metadata)
+            if self.gone is not None and (why := self.gone(self.name)) is not None:
+                raise ServiceError(f"{self.name} at {self.address} is gone ({lost}): {why}",
+                                   grpc.StatusCode.UNAVAILABLE)
+            try:  # in steps of a second when it may turn out to be gone meanwhile
+                reply = stub.Check(request, wait_for_ready=True, metadata=self.metadata,
+                                   timeout=remaining if self.gone is None else min(remaining, 1.0))
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError as err:
@@ -300,7 +305,11 @@ class CascadeClient:
 
     def __init__(self, encoder: str, stage1: str, stage2: str, timeout: float = 3600.0,
                  retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
-                 security: ClientSecurity | None = None) -> None:
+                 security: ClientSecurity | None = None,
+                 gone: Callable[[str], str | None] | None = None) -> None:
+        """``gone(name)``, if given, says why service ``name`` cannot come back (e.g. its local
+        process has exited), or None: a lost call then fails at once instead of waiting
+        ``retry_timeout`` seconds for it."""
         self.timeout = timeout
         self.retry_timeout = retry_timeout
         self.security = security or ClientSecurity()
@@ -315,7 +324,7 @@ class CascadeClient:
             except ValueError as exc:
                 self.close()
                 raise ValueError(f"--{name} {address}: {exc}") from None
-            self.services[name] = _Service(name, address, channel, self.metadata)
+            self.services[name] = _Service(name, address, channel, self.metadata, gone)
         self._encoder = pb_grpc.EncoderStub(self.services["encoder"].channel)
         self._stage1 = pb_grpc.Stage1Stub(self.services["stage1"].channel)
         self._stage2 = pb_grpc.Stage2Stub(self.services["stage2"].channel)

@@ -158,6 +158,18 @@ class LocalServices:
             addresses.setdefault(child.spec.kind, []).append(child.address)  # type: ignore
         return {kind: ",".join(found) for kind, found in addresses.items()}
 
+    def exited(self, kind: str) -> str | None:
+        """Why the local ``kind`` service cannot answer any more, once every process of that
+        kind (all its replicas) has exited; else None. For ``CascadeClient(gone=...)``."""
+        children = [child for child in self.children if child.spec.kind == kind]
+        codes = [child.process.poll() for child in children]
+        if not children or any(code is None for code in codes):
+            return None
+        child = children[-1]
+        signal_name = f", {signal.Signals(-codes[-1]).name}" if codes[-1] < 0 else ""
+        return (f"the local {kind} service exited (code {codes[-1]}{signal_name}): "
+                f"{child.last_error()}")
+
     def stop(self, grace: float = 10.0) -> None:
         for child in self.children:
             if child.process.poll() is None:

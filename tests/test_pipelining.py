@@ -229,6 +229,36 @@ def test_local_services_that_do_not_start_in_time_are_stopped_and_say_why(monkey
         LocalServices(specs[1:]).start()
 
 
+def test_a_lost_local_service_whose_process_exited_ends_the_run_at_once(monkeypatch):
+    """In local mode a service whose process has exited (killed, out of memory) cannot come
+    back: a call lost with it fails at once, with the service's own last error line, instead
+    of waiting --retry-timeout for it with advice about TLS (and its log then deleted)."""
+    import sys
+
+    from orchestrator.client import CascadeClient, ServiceError
+    from orchestrator.local import LocalServices, LocalServiceSpec
+
+    # It starts (its ready line names a port nothing listens on), then fails a second later.
+    script = ("import sys, time; print('serving stage2 on 127.0.0.1:9', flush=True); "
+              "time.sleep(1); print('error: CUDA out of memory: lower --max-batch', "
+              "file=sys.stderr); sys.exit(3)")
+    monkeypatch.setattr(LocalServiceSpec, "command", lambda self: [sys.executable, "-c", script])
+    local = LocalServices([LocalServiceSpec("stage2", "m")])
+    with local as addresses:
+        assert local.exited("stage2") is None  # still running
+        assert local.exited("encoder") is None  # none of that kind
+        started = time.monotonic()
+        with CascadeClient(addresses["stage2"], addresses["stage2"], addresses["stage2"],
+                           retry_timeout=120, gone=local.exited) as client:
+            with pytest.raises(ServiceError) as info:
+                client.stage2(pb.Stage2Request())
+        waited = time.monotonic() - started
+    assert waited < 15, waited
+    assert ("stage2 at 127.0.0.1:9 is gone" in str(info.value)
+            and "the local stage2 service exited (code 3): CUDA out of memory: lower --max-batch"
+            in str(info.value)), info.value
+
+
 def test_local_services_interrupted_while_starting_are_stopped(monkeypatch):
     """Ctrl-C (or SIGTERM, which the CLI turns into an exception) while the services are still
     starting stops those already started: before, they went on loading their models (minutes,
