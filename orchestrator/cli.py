@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--retry-timeout", type=float, default=120.0, metavar="S",
                      help="how long to wait for a lost service (or a busy one) before giving up "
                           "(default 120); calls lost with a replica are tried again")
+    gen.add_argument("--startup-timeout", type=float, default=900.0, metavar="S",
+                     help="local mode: how long each service may take to start, downloading its "
+                          "model on a first run and compiling with --compile (default 900)")
     gen.add_argument("--overwrite", action="store_true",
                      help="the run folder holds a different run: delete its samples and start "
                           "afresh (without it, that is an error; the same command resumes, with "
@@ -520,6 +523,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not 0 < args.timeout <= MAX_TIMEOUT_S:
         raise InvalidInputError(f"--timeout {args.timeout:g}: use more than 0 seconds and at most "
                                 f"{MAX_TIMEOUT_S:g} (the deadline of each service call)")
+    if not 0 < args.startup_timeout <= MAX_TIMEOUT_S:
+        raise InvalidInputError(f"--startup-timeout {args.startup_timeout:g}: use more than 0 "
+                                f"seconds and at most {MAX_TIMEOUT_S:g}")
     if not 0 <= args.retry_timeout <= MAX_TIMEOUT_S:
         raise InvalidInputError(f"--retry-timeout {args.retry_timeout:g}: use 0 .. "
                                 f"{MAX_TIMEOUT_S:g} seconds")
@@ -570,7 +576,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             else:
                 logger.info("local mode: starting the encoder, stage-1 and %d stage-2 service(s)",
                             len(stage2_devices))
-                services = LocalServices(specs)
+                services = LocalServices(specs, startup_timeout=args.startup_timeout)
                 with services as addresses, CascadeClient(
                     addresses["encoder"], addresses["stage1"], addresses["stage2"],
                     timeout=args.timeout, retry_timeout=args.retry_timeout, gone=services.exited,

@@ -149,6 +149,8 @@ class LocalServices:
                         f"{self.startup_timeout:.0f} s"
                         + ("; it compiles its UNet at start-up, which takes longer on a host of "
                            "few CPU cores: run without --compile" if compiles else "")
+                        + " (a first run downloads the models: give it longer with "
+                          "--startup-timeout)"
                     )
                 raise LocalServiceError(
                     f"local {child.spec.kind} service failed to start: {child.last_error()}"

@@ -167,6 +167,8 @@ def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
         # gRPC's deadline overflowed: every call failed at once, "raise --timeout"
         (["--prompts", "a", "b", "--views", "identity", "flip", "--timeout", "1e10"],
          ["--timeout 1e+10: use more than 0 seconds and at most 1e+06"]),
+        (["--prompts", "a", "b", "--views", "identity", "flip", "--startup-timeout", "0"],
+         ["--startup-timeout 0: use more than 0 seconds"]),
         (["--prompts", "a", "b", "--views", "identity", "flip", "--retry-timeout", "nan"],
          ["--retry-timeout nan: use 0 .. 1e+06 seconds"]),
         (["--prompts", *"abcdefghijklmnopq", "--views", "identity", *["flip"] * 16],
@@ -425,6 +427,28 @@ def test_stage2_replicas_behind_a_dns_name_are_counted(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", unresolved)
     assert replica_count("dns:///stage2.illusion.svc:50052") == 1
+
+
+def test_local_mode_gives_its_services_the_startup_timeout(tmp_path, monkeypatch, capsys):
+    """--startup-timeout reaches the local services' wait (900 s was fixed: a first run that
+    downloads the models on a slow link had no way to wait longer)."""
+    import orchestrator.local
+    from orchestrator.cli import main
+
+    given: list[float] = []
+
+    class Refusing(orchestrator.local.LocalServices):
+        def start(self) -> dict[str, str]:
+            given.append(self.startup_timeout)
+            raise orchestrator.local.LocalServiceError("local encoder did not start (test)")
+
+    monkeypatch.setattr(orchestrator.local, "LocalServices", Refusing)
+    args = ["generate", "--prompts", "a", "b", "--views", "identity", "flip", *TINY,
+            "--save-dir", str(tmp_path), "--no-progress"]
+    assert main([*args, "--startup-timeout", "3600"]) == 1
+    assert main(args) == 1
+    assert given == [3600.0, 900.0]
+    assert "local encoder did not start (test)" in capsys.readouterr().err
 
 
 def test_default_run_name_is_one_folder(tmp_path):

@@ -218,7 +218,9 @@ def test_local_services_that_do_not_start_in_time_are_stopped_and_say_why(monkey
         slow.start()
     assert time.monotonic() - started < 30  # stopped, not waited for
     assert not slow.children
-    with pytest.raises(LocalServiceError, match=r"local encoder did not start within 1 s$"):
+    with pytest.raises(LocalServiceError, match=r"local encoder did not start within 1 s \(a "
+                                                r"first run downloads the models: give it longer "
+                                                r"with --startup-timeout\)$"):
         LocalServices(specs[:1], startup_timeout=1).start()
 
     # One that exits at once fails with its own error line, however long it was given.
