@@ -467,7 +467,8 @@ def _generate(config: GenerateConfig, client: CascadeClient, views: list[View],
     run_dir.mkdir(parents=True, exist_ok=True)
     done = [] if to_clear else finished_samples(run_dir, config.save_tensors)
     seeds = config.seeds
-    todo = [seed for seed in seeds if seed not in done]
+    finished = set(done)
+    todo = [seed for seed in seeds if seed not in finished]
     if len(todo) < len(seeds):
         logger.info("resuming %s: %d of %d samples already done", run_dir,
                     len(seeds) - len(todo), len(seeds))
