@@ -90,7 +90,7 @@ class BatchRunner:
                 or (cap > 0 and shared.pending_rows() >= cap))
 
     def _loop(self) -> None:
-        if self.stage.device.type == "cuda":
+        if self.stage.device.type == "cuda" and self.stage.device.index is not None:
             # Threads start on cuda:0: without this, a stage on another GPU would create a CUDA
             # context on GPU 0 and queue any work that names no device there.
             torch.cuda.set_device(self.stage.device)

@@ -71,7 +71,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def parse_device(name: str) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` -> torch.device, checking that the device exists."""
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` -> torch.device, checking that the device exists.
+    ``"cuda"`` is the first GPU, ``cuda:0``: a device with its index (``torch.cuda.set_device``
+    refuses one without)."""
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -84,6 +86,8 @@ def parse_device(name: str) -> torch.device:
                 f"device {name!r} asked for, but this machine has "
                 f"{torch.cuda.device_count()} GPU(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
             )
+        if device.index is None:
+            device = torch.device("cuda", 0)
     return device
 
 

@@ -402,9 +402,12 @@ class SkewView(PermutationView):
         # and the "illusion" would be the plain image; so does one whose every roll is a whole
         # turn (64, 128, ...).
         if not any(shift % BASE_SIZE for shift in _skew_shifts(BASE_SIZE, BASE_SIZE, skew_factor)):
+            why = (f"every column rolls by whole turns of {BASE_SIZE}"
+                   if abs(skew_factor) >= 2 / BASE_SIZE else
+                   f"use |skew_factor| >= {2 / BASE_SIZE:g}")
             raise ViewError(
                 f"skew_factor={skew_factor} moves no pixel at {BASE_SIZE}x{BASE_SIZE} (the view "
-                f"would be the identity); use |skew_factor| >= {2 / BASE_SIZE:g}, e.g. 1.5"
+                f"would be the identity): {why}; e.g. 1.5"
             )
         self.skew_factor = float(skew_factor)
 

@@ -217,16 +217,21 @@ MIN_GIF_DELAY_CS = 2
 def gif_timing(repeats: Sequence[int], fps: int) -> tuple[list[int], list[int]]:
     """The frames a GIF keeps and their delays in ms, for frame ``i`` shown ``repeats[i] / fps``
     seconds: each frame starts at its time rounded to a hundredth of a second (so the rounding
-    does not add up over the loop), and a frame that would get less than
-    ``MIN_GIF_DELAY_CS`` (above 50 fps) is left out, its time going to the frame before it."""
+    does not add up over the loop). Above 50 fps some transition frames would get less than
+    ``MIN_GIF_DELAY_CS``: those are left out, their time going to the frame before them; a frame
+    of that length or more (a view's pose, held) is always kept."""
     starts = [round(100 * t / fps) for t in itertools.accumulate(repeats, initial=0)]
     keep: list[int] = []
     for i in range(len(repeats)):
-        if not keep or starts[i] - starts[keep[-1]] >= MIN_GIF_DELAY_CS:
-            keep.append(i)
+        if keep and starts[i] - starts[keep[-1]] < MIN_GIF_DELAY_CS:
+            # The frame kept last would be too short: one long enough itself takes its place.
+            if starts[i + 1] - starts[i] >= MIN_GIF_DELAY_CS:
+                keep[-1] = i
+            continue
+        keep.append(i)
     while len(keep) > 1 and starts[-1] - starts[keep[-1]] < MIN_GIF_DELAY_CS:
         keep.pop()
-    bounds = [*(starts[i] for i in keep), starts[-1]]
+    bounds = [0, *(starts[i] for i in keep[1:]), starts[-1]]  # the first frame starts the loop
     return keep, [10 * (end - start) for start, end in itertools.pairwise(bounds)]
 
 

@@ -162,6 +162,16 @@ def _translate(service: str, address: str, error: grpc.RpcError, timeout: float 
     return ServiceError(text, code)
 
 
+# gRPC's own refusal (RESOURCE_EXHAUSTED, without a retry hint) of a call beyond the server's
+# threads (``maximum_concurrent_rpcs``): overload, like a full queue.
+GRPC_RPC_LIMIT = "Concurrent RPC limit exceeded"
+
+
+def _server_busy(error: grpc.RpcError) -> bool:
+    return (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and GRPC_RPC_LIMIT in (error.details() or ""))
+
+
 DEFAULT_RETRY_TIMEOUT = 120.0  # seconds to wait for a lost service to come back
 MIN_FIRST_ANSWER_S = 10.0  # how long the first health check waits for any answer
 MAX_ATTEMPTS = 5  # tries of one call that keeps losing its replica
@@ -210,7 +220,10 @@ class _Service:
                 reply = stub.Check(request, timeout=call_timeout, wait_for_ready=True,
                                    metadata=self.metadata)
             except grpc.RpcError as err:
-                raise self._first_answer_error(err, connect) from None
+                if not (_server_busy(err) and time.monotonic() < deadline):
+                    raise self._first_answer_error(err, connect) from None
+                time.sleep(0.5)  # every thread of the server is busy: it answers, just not now
+                continue
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
             if time.monotonic() >= deadline:
@@ -276,7 +289,7 @@ class _Service:
                     return
             except grpc.RpcError as err:
                 if err.code() not in (grpc.StatusCode.UNAVAILABLE,
-                                      grpc.StatusCode.DEADLINE_EXCEEDED):
+                                      grpc.StatusCode.DEADLINE_EXCEEDED) and not _server_busy(err):
                     raise _translate(self.name, self.address, err, budget) from None
             time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
         raise ServiceError(
@@ -364,6 +377,8 @@ class CascadeClient:
                 code, lost, error = err.code(), f"{err.code().name}: {err.details()}", err
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED and error is not None:
                 hint = retry_after(error)
+                if hint is None and _server_busy(error):
+                    hint = 0.5
                 if hint is None:  # not the queue (e.g. out of memory): retrying will not help
                     raise _translate(name, service.address, error, timeout) from None
                 delay = min(MAX_OVERLOAD_DELAY, max(hint, 0.25 * 2 ** (tries - 1)))

@@ -168,7 +168,12 @@ class LocalServices:
         if not children or any(code is None for code in codes):
             return None
         child = children[-1]
-        signal_name = f", {signal.Signals(-codes[-1]).name}" if codes[-1] < 0 else ""
+        signal_name = ""
+        if codes[-1] < 0:
+            try:
+                signal_name = f", {signal.Signals(-codes[-1]).name}"
+            except ValueError:  # a real-time signal has no name
+                signal_name = f", signal {-codes[-1]}"
         return (f"the local {kind} service exited (code {codes[-1]}{signal_name}): "
                 f"{child.last_error()}")
 

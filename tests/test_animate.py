@@ -25,7 +25,7 @@ from illusions.animate import (
 from illusions.sampling import SamplingParams
 from illusions.views import VIEWS, View, ViewError, build_view, build_views
 from orchestrator import animation, cli
-from orchestrator.animation import AnimateConfig, animation_frames, write_gif
+from orchestrator.animation import AnimateConfig, animation_frames, gif_timing, write_gif
 from orchestrator.output import to_pil, views_sheet, wrap_text, write_json_atomic, write_sample
 from orchestrator.pipeline import GenerateConfig, _metadata, check_config
 
@@ -269,6 +269,10 @@ def test_gif_delays_keep_the_loop_length_and_no_frame_is_under_20_ms(tmp_path, f
     if fps <= 50:
         assert len(delays) == len(frames)
     assert len(delays) >= len(frames) // 2  # at most every other frame of a transition left out
+    # Every pose (a frame held 12 frames' time) is shown, with its whole time at least.
+    keep, timing = gif_timing(repeats, fps)
+    assert 0 in keep and 8 in keep and timing == delays
+    assert timing[keep.index(8)] >= 10 * round(100 * 12 / fps) - 10
 
 
 def test_mp4_opens_with_the_expected_frames(tmp_path: Path, frames_and_repeats):

@@ -243,7 +243,7 @@ def test_bad_stage2_requests(client):
 def test_an_error_that_repeats_a_long_input_stays_one_invalid_argument(client, services):
     """A status message repeating a client's input (a view name of 20,000 characters) is cut to
     its start and end, so gRPC still carries it (over its trailer limit it became a
-    RESOURCE_EXHAUSTED of gRPC's own, which clients retry as overload)."""
+    RESOURCE_EXHAUSTED of gRPC's own, read as overload, and without the message)."""
     with pytest.raises(ServiceError) as info:
         client.stage1(_stage1_request(client, views=[pb.ViewSpec(name="é" * 20_000),
                                                      pb.ViewSpec(name="flip")]))
@@ -370,6 +370,38 @@ def test_a_service_makes_its_gpu_the_current_device(monkeypatch):
     assert chosen == []
     use_device("cuda:1")
     assert chosen == [torch.device("cuda:1")]
+    use_device("cuda")  # the current device already; set_device refuses a device without index
+    assert chosen == [torch.device("cuda:1")]
+
+
+def test_plain_cuda_is_the_first_gpu_with_its_index(monkeypatch):
+    """--device cuda (and auto on a GPU host) name cuda:0, with its index: torch.cuda.set_device
+    raises ValueError for "cuda", which stopped every service started with it (the default of
+    local mode on a GPU host) before it loaded."""
+    from illusions.models import parse_device
+    from orchestrator.cli import _resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_device("cuda") == torch.device("cuda:0")
+    assert parse_device("cuda:1") == torch.device("cuda:1")
+    assert _resolve_device("auto") == "cuda:0" and _resolve_device("cuda") == "cuda:0"
+
+
+@pytest.mark.parametrize(("device", "made_current"), [("cuda:1", [torch.device("cuda:1")]),
+                                                      ("cuda", [])])
+def test_the_batch_runners_thread_makes_its_stages_gpu_current(monkeypatch, stage1, device,
+                                                               made_current):
+    """The thread that runs a stage's UNet calls starts on cuda:0; it makes the stage's GPU its
+    current device (for a device without index, the current one is already meant)."""
+    from illusions.batching import BatchRunner
+
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(stage1, "device", torch.device(device))
+    runner = BatchRunner(stage1)
+    runner.close()  # the thread ran and ended (an error in it would leave jobs waiting forever)
+    assert chosen == made_current
 
 
 def test_a_port_in_use_is_an_error_not_a_shared_port():

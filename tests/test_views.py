@@ -544,7 +544,7 @@ def test_unknown_view_lists_valid_ones():
         ("flip", ["1"], "takes no arguments"),
         ("skew", ["0"], "moves no pixel"),
         ("skew", ["0.01"], "moves no pixel"),
-        ("skew", ["64"], "moves no pixel"),  # every column rolled by whole turns
+        ("skew", ["64"], "every column rolls by whole turns of 64"),
         ("low_pass", ["sigma=1e-50"], "sigma must be a finite number >= 0.01"),  # a NaN kernel
         ("skew", ["nan"], "finite"),
         ("skew", ["x"], "expects a number"),

@@ -158,7 +158,8 @@ def create_server(address: str, max_workers: int = 16, security: ServerSecurity 
     With ``security``: a TLS port (mutual TLS when it has a client CA) and the bearer-token check.
     """
     security = security or ServerSecurity()
-    # Calls beyond the threads are refused (RESOURCE_EXHAUSTED, which clients retry) rather than
+    # Calls beyond the threads are refused (RESOURCE_EXHAUSTED, which the `illusion` client
+    # retries as overload, orchestrator.client.GRPC_RPC_LIMIT) rather than
     # left waiting for a thread with no bound, behind long streams.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          maximum_concurrent_rpcs=max_workers,
@@ -378,7 +379,9 @@ def use_device(device: str) -> None:
     anything touches CUDA, so that loading on ``cuda:1`` creates no context on GPU 0. (Threads
     start on cuda:0; the UNet calls make their own device current, illusions.fast.)"""
     if device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(torch.device(device))
+        chosen = torch.device(device)
+        if chosen.index is not None:  # plain "cuda" is the current device already
+            torch.cuda.set_device(chosen)
 
 
 def serve(
