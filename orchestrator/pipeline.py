@@ -363,10 +363,18 @@ def finished_run(config: GenerateConfig, models: dict[str, dict[str, Any]]) -> l
 
 
 def _rgb_picture(picture: Image.Image) -> Image.Image:
-    """8-bit RGB, as the image is seen: 16-bit grey (PNG; Pillow's "I;16" or "I") scaled to 8
-    bits first, which Pillow's own conversion clips at 255 (all but the darkest white)."""
+    """8-bit RGB, as the image is seen: turned by its EXIF orientation, and 16-bit grey (PNG;
+    Pillow's "I;16", or "I" with values above 255) scaled to 8 bits first, which Pillow's own
+    conversion clips at 255 (all but the darkest white)."""
+    try:
+        picture = ImageOps.exif_transpose(picture)
+    except Exception as exc:  # noqa: BLE001 - a malformed EXIF block: the pixels as stored
+        logger.warning("--ref-image: its EXIF orientation cannot be read (%s); using it as stored",
+                       exc)
     if picture.mode.startswith("I;16") or picture.mode == "I":
-        grey = np.asarray(picture, dtype=np.float64) / 257
+        grey = np.asarray(picture, dtype=np.float64)
+        if picture.mode != "I" or grey.max(initial=0) > 255:
+            grey = grey / 257
         picture = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
     return picture.convert("RGB")
 
@@ -375,7 +383,7 @@ def load_ref_image(path: Path) -> torch.Tensor:
     """An image file -> (3, H, W) float32 in [-1, 1]."""
     try:
         with Image.open(path) as picture:
-            rgb = _rgb_picture(ImageOps.exif_transpose(picture))
+            rgb = _rgb_picture(picture)
     except Image.DecompressionBombError as exc:
         raise InvalidInputError(f"--ref-image {path} is too large to open safely ({exc}): scale "
                                 "it down; it is used at 64 and 256 pixels") from None

@@ -466,6 +466,9 @@ def test_a_reference_is_read_as_it_is_seen(tmp_path):
     expected = torch.from_numpy(np.round(ramp / 257).astype(np.float32)) / 127.5 - 1
     assert (grey[0] - expected).abs().max() <= 1 / 127.5 + 1e-6
     assert torch.equal(grey[0], grey[2])
+    # A 32-bit grey image holding 8-bit values is not scaled down.
+    Image.fromarray(np.full((8, 8), 200, dtype=np.int32), mode="I").save(tmp_path / "grey32.tif")
+    assert torch.allclose(load_ref_image(tmp_path / "grey32.tif"), torch.tensor(200 / 127.5 - 1))
 
 
 def test_unusable_reference_and_save_dir_name_the_option(tmp_path, monkeypatch):

@@ -543,7 +543,13 @@ def test_a_freed_slot_goes_to_the_call_that_waited_longest():
     order: list[str] = []
     active = {"a": True, "b": True, "c": True, "d": True}
 
-    def call(name: str) -> threading.Thread:
+    def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.01)
+
+    def call(name: str, waiting: int | None) -> threading.Thread:
         def run() -> None:
             try:
                 with admission.slot(lambda: active[name]):
@@ -553,17 +559,17 @@ def test_a_freed_slot_goes_to_the_call_that_waited_longest():
 
         thread = threading.Thread(target=run)
         thread.start()
-        time.sleep(0.3)  # in the queue before the next one arrives
+        if waiting is not None:  # in the queue before the next one arrives
+            until(lambda: len(admission._waiting) == waiting)
         return thread
 
-    threads = [call(name) for name in "abc"]
+    threads = [call(name, waiting) for waiting, name in enumerate("abc", start=1)]
     with pytest.raises(ServiceOverloaded, match="3 requests already waiting"):
         admission.acquire(lambda: True)
     active["b"] = False  # b gives up while waiting
-    time.sleep(0.3)
-    assert order == ["b cancelled"]
+    until(lambda: order == ["b cancelled"])
     admission.release()  # the running call ends; at that moment d arrives
-    threads.append(call("d"))
+    threads.append(call("d", None))
     for thread in threads:
         thread.join(5)
     assert order == ["b cancelled", "a", "c", "d"]
