@@ -159,8 +159,8 @@ def create_server(address: str, max_workers: int = 16, security: ServerSecurity 
     """
     security = security or ServerSecurity()
     # Calls beyond the threads are refused (RESOURCE_EXHAUSTED, which the `illusion` client
-    # retries as overload, orchestrator.client.GRPC_RPC_LIMIT) rather than
-    # left waiting for a thread with no bound, behind long streams.
+    # retries as overload: orchestrator.client.GRPC_RPC_LIMIT) rather than left waiting for a
+    # thread with no bound, behind long streams.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          maximum_concurrent_rpcs=max_workers,
                          interceptors=[*security.interceptors(), RequestDecodeErrors()],
