@@ -265,10 +265,10 @@ def test_local_services_interrupted_while_starting_are_stopped(monkeypatch):
     """Ctrl-C (or SIGTERM, which the CLI turns into an exception) while the services are still
     starting stops those already started: before, they went on loading their models (minutes,
     and a GPU's memory) with nobody to use them."""
-    import signal
     import subprocess
     import sys
 
+    import orchestrator.local
     from orchestrator.local import LocalServices, LocalServiceSpec
 
     monkeypatch.setattr(LocalServiceSpec, "command",
@@ -280,11 +280,20 @@ def test_local_services_interrupted_while_starting_are_stopped(monkeypatch):
             super().__init__(*args, **kwargs)
             started.append(self)
 
+    class CtrlC(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            raise KeyboardInterrupt  # pressed while local mode waits for a service's ready line
+
+    real_child = orchestrator.local._Child
+
+    def child(spec, process, log):
+        made = real_child(spec, process, log)
+        made.ready = CtrlC()
+        return made
+
     monkeypatch.setattr("orchestrator.local.subprocess.Popen", Recorded)
+    monkeypatch.setattr(orchestrator.local, "_Child", child)
     services = LocalServices([LocalServiceSpec("encoder", "m"), LocalServiceSpec("stage1", "m")])
-    timer = threading.Timer(1.0, signal.pthread_kill,  # Ctrl-C, as the main thread gets it
-                            (threading.main_thread().ident, signal.SIGINT))
-    timer.start()
     with pytest.raises(KeyboardInterrupt):
         with services:
             pytest.fail("the services never said they were ready")
