@@ -241,7 +241,7 @@ def _resolve_device(name: str) -> str:
     if name == "auto":
         import torch
 
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
+        return str(parse_device("cuda")) if torch.cuda.is_available() else "cpu"
     return str(parse_device(name))
 
 
